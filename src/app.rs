@@ -1,0 +1,178 @@
+//! Builds the application from a [`Config`] and serves it.
+//!
+//! `App::build` opens the database, loads keys, makes sure the configured
+//! account exists, and assembles the router. Tests call it with a `Config`
+//! value and a listener on `127.0.0.1:0`.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::auth::{TokenIssuer, hash_password, random_password};
+use crate::config::Config;
+use crate::db::Db;
+use crate::db::accounts::AccountRow;
+use crate::identity::{KeyStore, PlcClient, genesis_op, write_secret_file};
+use crate::repo::RepoService;
+
+/// Shared state handed to every handler.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub db: Db,
+    pub repo: RepoService,
+    pub keys: KeyStore,
+    pub tokens: TokenIssuer,
+    pub plc: PlcClient,
+    pub login_limiter: crate::auth::LoginLimiter,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        std::fs::create_dir_all(&config.data_directory).with_context(|| {
+            format!(
+                "creating data directory {}",
+                config.data_directory.display()
+            )
+        })?;
+        let db = Db::open(&config.db_path())
+            .await
+            .context("opening the database")?;
+        let keys = KeyStore::open(config.keys_dir(), config.rotation_key_hex.as_deref())?;
+        let jwt_secret = match &config.jwt_secret {
+            Some(s) => s.clone().into_bytes(),
+            None => load_or_create_jwt_secret(&config)?,
+        };
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
+            .timeout(std::time::Duration::from_secs(20))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let state = AppState(Arc::new(Inner {
+            tokens: TokenIssuer::new(&jwt_secret, config.service_did.clone()),
+            plc: PlcClient::new(http, config.plc_url.clone()),
+            repo: RepoService::new(db.clone()),
+            login_limiter: Default::default(),
+            keys,
+            db,
+            config,
+        }));
+        ensure_configured_account(&state).await?;
+        Ok(App { state })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        crate::xrpc::router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let router = self.router();
+        let db = self.state.db.clone();
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        // Leave a compact database behind for backups by file copy.
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&db.pool)
+            .await;
+        db.pool.close().await;
+        Ok(())
+    }
+}
+
+fn load_or_create_jwt_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    let path = config.keys_dir().join("jwt-secret");
+    if path.exists() {
+        return Ok(std::fs::read_to_string(&path)?.trim().as_bytes().to_vec());
+    }
+    let secret = crate::auth::random_id() + &crate::auth::random_id();
+    write_secret_file(&path, &secret)?;
+    Ok(secret.into_bytes())
+}
+
+/// Creates the account named by `PDS_HANDLE` on first start, and resumes a
+/// first start that crashed half way. Never creates a second DID: the
+/// pending account row (with its signed genesis op) is written before the
+/// PLC directory hears of it.
+async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
+    let Some(seed) = &state.config.account else {
+        return Ok(());
+    };
+    let existing = state.db.account_by_handle(&seed.handle).await?;
+    let account = match existing {
+        Some(account) => account,
+        None => {
+            let repo_key = crate::atp::keys::SigningKey::generate();
+            let genesis = genesis_op(
+                state.keys.rotation_key(),
+                &repo_key.public_key(),
+                &seed.handle,
+                &state.config.public_url(),
+            )?;
+            state.keys.save_repo_key(&genesis.did, &repo_key)?;
+            let (password, generated) = match &seed.password {
+                Some(p) => (p.clone(), false),
+                None => (random_password(), true),
+            };
+            let row = AccountRow {
+                did: genesis.did.clone(),
+                handle: seed.handle.clone(),
+                email: seed.email.clone(),
+                password_hash: hash_password(&password)?,
+                status: "pending".into(),
+                plc_genesis_op: Some(genesis.op.to_string()),
+                created_at: crate::atp::syntax::Datetime::from_offset(
+                    time::OffsetDateTime::now_utc(),
+                )
+                .to_string(),
+            };
+            state.db.insert_pending_account(&row).await?;
+            if generated {
+                // Printed once, on stdout, never logged.
+                println!(
+                    "roost: created account {} ({}); generated password: {password}",
+                    row.handle, row.did
+                );
+            }
+            row
+        }
+    };
+    if account.status == "pending" {
+        let op: serde_json::Value =
+            serde_json::from_str(account.plc_genesis_op.as_deref().unwrap_or("null"))
+                .context("stored genesis op")?;
+        state
+            .plc
+            .submit(&account.did, &op)
+            .await
+            .context("registering the DID with the PLC directory")?;
+        let key = state.keys.repo_key(&account.did)?;
+        if state.db.repo_root(&account.did).await?.is_none() {
+            state.repo.create_empty_repo(&account.did, &key).await?;
+        }
+        tracing::info!(did = %account.did, handle = %account.handle, "account ready");
+    }
+    Ok(())
+}

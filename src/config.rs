@@ -1,0 +1,385 @@
+//! Configuration: defaults < `roost.toml` < environment, built by figment.
+//!
+//! Setting names follow the reference PDS (`PDS_HOSTNAME`, `PDS_PORT`, …) so an
+//! existing `pds.env` mostly works; Roost's own settings use the same prefix.
+//! [`RawConfig`] is what the sources say; [`Config`] is the validated result
+//! that the rest of the program uses. Tests build a `Config` directly.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Every setting, as read from the sources (all optional or defaulted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// Public hostname of this PDS (`PDS_HOSTNAME`). Required.
+    #[serde(deserialize_with = "stringish")]
+    pub hostname: Option<String>,
+    /// TCP port (`PDS_PORT`, default 2583).
+    pub port: u16,
+    /// Address to bind (`PDS_BIND_ADDRESS`, default 127.0.0.1; 0.0.0.0 in containers).
+    #[serde(deserialize_with = "stringish")]
+    pub bind_address: Option<String>,
+    /// Where the database and keys live (`PDS_DATA_DIRECTORY`, default ./data).
+    #[serde(deserialize_with = "stringish")]
+    pub data_directory: Option<String>,
+    /// PLC directory URL (`PDS_DID_PLC_URL`, default https://plc.directory).
+    #[serde(deserialize_with = "stringish")]
+    pub did_plc_url: Option<String>,
+    /// Secret for session JWTs (`PDS_JWT_SECRET`); generated into the data
+    /// directory (mode 0600) when unset.
+    #[serde(deserialize_with = "stringish")]
+    pub jwt_secret: Option<String>,
+    /// Admin password for the admin API (`PDS_ADMIN_PASSWORD`).
+    #[serde(deserialize_with = "stringish")]
+    pub admin_password: Option<String>,
+    /// PLC rotation key as hex (`PDS_PLC_ROTATION_KEY_K256_PRIVATE_KEY_HEX`);
+    /// generated into the data directory when unset.
+    #[serde(deserialize_with = "stringish")]
+    pub plc_rotation_key_k256_private_key_hex: Option<String>,
+    /// Comma-separated handle suffixes offered to accounts
+    /// (`PDS_SERVICE_HANDLE_DOMAINS`, default `.<hostname>`).
+    #[serde(deserialize_with = "stringish")]
+    pub service_handle_domains: Option<String>,
+    /// The server's own DID (`PDS_SERVICE_DID`, default `did:web:<hostname>`).
+    #[serde(deserialize_with = "stringish")]
+    pub service_did: Option<String>,
+    /// Local development: allows `localhost`, plain-HTTP URLs and `.test` handles.
+    pub dev_mode: bool,
+    /// The account to create on first start (`PDS_HANDLE`).
+    #[serde(deserialize_with = "stringish")]
+    pub handle: Option<String>,
+    /// Its password (`PDS_PASSWORD`); generated and printed once when unset.
+    #[serde(deserialize_with = "stringish")]
+    pub password: Option<String>,
+    /// Its email (`PDS_EMAIL`).
+    #[serde(deserialize_with = "stringish")]
+    pub email: Option<String>,
+    /// How long a used refresh token may be replayed (`PDS_REFRESH_GRACE_SECONDS`, default 10).
+    pub refresh_grace_seconds: u64,
+    /// Largest JSON request body in bytes (`PDS_MAX_JSON_BYTES`, default 1 MiB).
+    pub max_json_bytes: usize,
+    /// Relays to ask for crawls (`PDS_CRAWLERS`, comma-separated).
+    #[serde(deserialize_with = "stringish")]
+    pub crawlers: Option<String>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            hostname: None,
+            port: 2583,
+            bind_address: None,
+            data_directory: None,
+            did_plc_url: None,
+            jwt_secret: None,
+            admin_password: None,
+            plc_rotation_key_k256_private_key_hex: None,
+            service_handle_domains: None,
+            service_did: None,
+            dev_mode: false,
+            handle: None,
+            password: None,
+            email: None,
+            refresh_grace_seconds: 10,
+            max_json_bytes: 1024 * 1024,
+            crawlers: None,
+        }
+    }
+}
+
+/// Env values are parsed as TOML-ish values, so a numeric secret would
+/// arrive as an integer; accept any scalar and keep its text.
+fn stringish<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(Option::<Scalar>::deserialize(d)?.map(|s| match s {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    }))
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostname: String,
+    pub port: u16,
+    pub bind_address: IpAddr,
+    pub data_directory: PathBuf,
+    pub plc_url: String,
+    pub jwt_secret: Option<String>,
+    pub admin_password: Option<String>,
+    pub rotation_key_hex: Option<String>,
+    pub service_handle_domains: Vec<String>,
+    pub service_did: String,
+    pub dev_mode: bool,
+    pub account: Option<AccountSeed>,
+    pub refresh_grace_seconds: u64,
+    pub max_json_bytes: usize,
+    pub crawlers: Vec<String>,
+}
+
+/// The account that the first start creates.
+#[derive(Clone)]
+pub struct AccountSeed {
+    pub handle: String,
+    pub password: Option<String>,
+    pub email: Option<String>,
+}
+
+impl std::fmt::Debug for AccountSeed {
+    // Never print the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountSeed")
+            .field("handle", &self.handle)
+            .field("email", &self.email)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl RawConfig {
+    /// Reads defaults, then `roost.toml` (or `$ROOST_CONFIG`), then `PDS_*` variables.
+    pub fn load() -> Result<RawConfig, ConfigError> {
+        let toml_path = std::env::var("ROOST_CONFIG").unwrap_or_else(|_| "roost.toml".into());
+        Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file(toml_path))
+            .merge(Env::prefixed("PDS_"))
+            .extract()
+            .map_err(|e| ConfigError(e.to_string()))
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let err = |m: String| ConfigError(m);
+        let hostname = self
+            .hostname
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| err("PDS_HOSTNAME is required".into()))?
+            .to_ascii_lowercase();
+        let dev = self.dev_mode;
+        if !dev && (hostname == "localhost" || hostname.parse::<IpAddr>().is_ok()) {
+            return Err(err(format!(
+                "PDS_HOSTNAME={hostname} is only allowed with PDS_DEV_MODE=true (a public PDS needs a domain name)"
+            )));
+        }
+        let plc_url = self
+            .did_plc_url
+            .unwrap_or_else(|| "https://plc.directory".into());
+        check_url("PDS_DID_PLC_URL", &plc_url, dev)?;
+        let bind_address = self
+            .bind_address
+            .as_deref()
+            .unwrap_or("127.0.0.1")
+            .parse()
+            .map_err(|e| err(format!("PDS_BIND_ADDRESS: {e}")))?;
+        let service_handle_domains: Vec<String> = match self.service_handle_domains {
+            Some(list) => split_list(&list)
+                .map(|d| {
+                    if d.starts_with('.') {
+                        d
+                    } else {
+                        format!(".{d}")
+                    }
+                })
+                .collect(),
+            None => vec![format!(".{hostname}")],
+        };
+        for domain in &service_handle_domains {
+            if domain.ends_with(".test") && !dev {
+                return Err(err(format!(
+                    "handle domain {domain} needs PDS_DEV_MODE=true"
+                )));
+            }
+        }
+        let account = match self.handle.filter(|h| !h.is_empty()) {
+            Some(handle) => {
+                let handle = handle.to_ascii_lowercase();
+                crate::atp::syntax::Handle::new(handle.clone())
+                    .map_err(|e| err(format!("PDS_HANDLE: {e}")))?;
+                if handle.ends_with(".test") && !dev {
+                    return Err(err(
+                        "PDS_HANDLE ending in .test needs PDS_DEV_MODE=true".into()
+                    ));
+                }
+                Some(AccountSeed {
+                    handle,
+                    password: self.password.filter(|p| !p.is_empty()),
+                    email: self.email.filter(|e| !e.is_empty()),
+                })
+            }
+            None => None,
+        };
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < 16 {
+                return Err(err("PDS_JWT_SECRET must be at least 16 characters".into()));
+            }
+        }
+        Ok(Config {
+            service_did: self
+                .service_did
+                .unwrap_or_else(|| format!("did:web:{hostname}")),
+            hostname,
+            port: self.port,
+            bind_address,
+            data_directory: PathBuf::from(self.data_directory.unwrap_or_else(|| "./data".into())),
+            plc_url: plc_url.trim_end_matches('/').to_owned(),
+            jwt_secret: self.jwt_secret,
+            admin_password: self.admin_password,
+            rotation_key_hex: self.plc_rotation_key_k256_private_key_hex,
+            service_handle_domains,
+            dev_mode: dev,
+            account,
+            refresh_grace_seconds: self.refresh_grace_seconds,
+            max_json_bytes: self.max_json_bytes,
+            crawlers: self
+                .crawlers
+                .as_deref()
+                .map(|c| split_list(c).collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+fn split_list(list: &str) -> impl Iterator<Item = String> + '_ {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+fn check_url(name: &str, url: &str, dev: bool) -> Result<(), ConfigError> {
+    match url.split_once("://") {
+        Some(("https", _)) => Ok(()),
+        Some(("http", _)) if dev => Ok(()),
+        Some(("http", _)) => Err(ConfigError(format!(
+            "{name}={url}: plain http needs PDS_DEV_MODE=true"
+        ))),
+        _ => Err(ConfigError(format!("{name}={url} is not an http(s) URL"))),
+    }
+}
+
+impl Config {
+    /// The URL clients and the DID document use to reach this PDS.
+    pub fn public_url(&self) -> String {
+        if self.dev_mode && self.hostname == "localhost" {
+            format!("http://localhost:{}", self.port)
+        } else {
+            format!("https://{}", self.hostname)
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_directory.join("roost.sqlite")
+    }
+
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_directory.join("keys")
+    }
+
+    /// Whether `handle` falls under one of this server's handle domains.
+    pub fn is_service_handle(&self, handle: &str) -> bool {
+        self.service_handle_domains
+            .iter()
+            .any(|d| handle.ends_with(d.as_str()) && handle.len() > d.len())
+    }
+
+    /// A development configuration for tests: everything under `data_dir`.
+    pub fn for_tests(data_dir: PathBuf, plc_url: String, handle: &str, password: &str) -> Config {
+        Config {
+            hostname: "localhost".into(),
+            port: 0,
+            bind_address: IpAddr::from([127, 0, 0, 1]),
+            data_directory: data_dir,
+            plc_url,
+            jwt_secret: Some("test-secret-0123456789abcdef".into()),
+            admin_password: Some("admin-pass".into()),
+            rotation_key_hex: None,
+            service_handle_domains: vec![".test".into()],
+            service_did: "did:web:localhost".into(),
+            dev_mode: true,
+            account: Some(AccountSeed {
+                handle: handle.into(),
+                password: Some(password.into()),
+                email: Some(format!(
+                    "{}@example.com",
+                    handle.split('.').next().unwrap_or("user")
+                )),
+            }),
+            refresh_grace_seconds: 10,
+            max_json_bytes: 1024 * 1024,
+            crawlers: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(host: &str) -> RawConfig {
+        RawConfig {
+            hostname: Some(host.into()),
+            ..RawConfig::default()
+        }
+    }
+
+    #[test]
+    fn localhost_and_http_need_dev_mode() {
+        assert!(raw("localhost").validate().is_err());
+        let mut r = raw("pds.example.com");
+        r.did_plc_url = Some("http://127.0.0.1:1234".into());
+        assert!(r.clone().validate().is_err());
+        r.dev_mode = true;
+        assert!(r.validate().is_ok());
+        let mut t = raw("pds.example.com");
+        t.handle = Some("alice.test".into());
+        assert!(t.validate().is_err());
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let c = raw("pds.example.com").validate().expect("valid");
+        assert_eq!(c.port, 2583);
+        assert_eq!(c.service_did, "did:web:pds.example.com");
+        assert_eq!(
+            c.service_handle_domains,
+            vec![".pds.example.com".to_string()]
+        );
+        assert_eq!(c.public_url(), "https://pds.example.com");
+        assert_eq!(c.plc_url, "https://plc.directory");
+    }
+
+    #[test]
+    fn env_overrides_toml_and_numeric_secrets_stay_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "roost.toml",
+                "hostname = \"from-toml.example.com\"\nport = 1000",
+            )?;
+            jail.set_env("PDS_PORT", "2000");
+            jail.set_env("PDS_JWT_SECRET", "12345678901234567890");
+            let c = RawConfig::load().expect("load").validate().expect("valid");
+            assert_eq!(c.hostname, "from-toml.example.com");
+            assert_eq!(c.port, 2000);
+            assert_eq!(c.jwt_secret.as_deref(), Some("12345678901234567890"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,67 @@
+//! The SQLite database: pool setup, migrations, and the queries, grouped by
+//! table. Only this module writes SQL.
+//!
+//! One file (`roost.sqlite` under the data directory) holds accounts,
+//! repositories and sessions. WAL mode lets readers run beside the single
+//! writer. `synchronous = NORMAL` in WAL mode makes every committed
+//! transaction survive a process crash (kill -9); only an OS crash or power
+//! loss can drop the last transactions, which is the trade the reference PDS
+//! makes too.
+
+pub mod accounts;
+pub mod repo;
+pub mod sessions;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use cid::Cid;
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+#[derive(Clone)]
+pub struct Db {
+    pub pool: SqlitePool,
+}
+
+impl Db {
+    pub async fn open(path: &std::path::Path) -> anyhow::Result<Db> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-16000");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Db { pool })
+    }
+
+    /// Touches the database (for the health check).
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Reads a CID stored as its binary form.
+pub(crate) fn cid_from_bytes(bytes: &[u8]) -> Result<Cid, sqlx::Error> {
+    Cid::try_from(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+#[allow(dead_code)]
+pub(crate) fn cid_from_str(s: &str) -> Result<Cid, sqlx::Error> {
+    Cid::from_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+pub(crate) fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}

@@ -1,0 +1,10 @@
+//! Roost: an AT Protocol Personal Data Server. See ARCHITECTURE.md for the map.
+
+pub mod app;
+pub mod atp;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod identity;
+pub mod repo;
+pub mod xrpc;

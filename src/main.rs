@@ -1,0 +1,59 @@
+//! The `roost` binary: parse the command line, build the app, run it.
+
+use clap::{Parser, Subcommand};
+use roost::app::App;
+use roost::config::RawConfig;
+
+#[derive(Parser)]
+#[command(name = "roost", version, about = "A small, fast AT Protocol PDS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (configuration from roost.toml and PDS_* variables).
+    Serve,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    // reqwest uses rustls without a default provider; pick ring once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match Cli::parse().command {
+        Command::Serve => serve().await,
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let config = RawConfig::load()?.validate()?;
+    let addr = std::net::SocketAddr::new(config.bind_address, config.port);
+    let app = App::build(config).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "roost listening");
+    println!("roost listening on http://{}", listener.local_addr()?);
+    app.serve(listener, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,129 @@
+//! The one error type every XRPC handler returns, rendered as
+//! `{"error": "...", "message": "..."}` with the status the reference PDS uses.
+
+use std::borrow::Cow;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::TokenError;
+use crate::repo::RepoError;
+
+#[derive(Debug)]
+pub struct XrpcError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub message: Cow<'static, str>,
+    /// The cause of a 5xx, logged once and never sent to the client.
+    pub source: Option<anyhow::Error>,
+}
+
+impl XrpcError {
+    pub fn new(
+        status: StatusCode,
+        error: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        XrpcError {
+            status,
+            error,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn invalid_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "InvalidRequest", message)
+    }
+
+    /// A 400 with a lexicon-specific error name (InvalidSwap, RecordNotFound, …).
+    pub fn lexicon(error: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error, message)
+    }
+
+    pub fn auth_required(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "AuthRequired", message)
+    }
+
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "Forbidden", message)
+    }
+
+    pub fn not_implemented(nsid: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "MethodNotImplemented",
+            format!("Method not implemented: {nsid}"),
+        )
+    }
+
+    pub fn payload_too_large(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
+    }
+
+    /// Replaces the error name, keeping status and message.
+    pub fn with_name(mut self, error: &'static str) -> Self {
+        self.error = error;
+        self
+    }
+
+    pub fn rate_limited(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "RateLimitExceeded", message)
+    }
+
+    pub fn internal(source: impl Into<anyhow::Error>) -> Self {
+        XrpcError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: "InternalServerError",
+            message: "Internal Server Error".into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl IntoResponse for XrpcError {
+    fn into_response(self) -> Response {
+        if let Some(source) = &self.source {
+            tracing::error!(error = %source, chain = ?source, "internal error");
+        }
+        let body = serde_json::json!({ "error": self.error, "message": self.message });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for XrpcError {
+    fn from(e: sqlx::Error) -> Self {
+        XrpcError::internal(e)
+    }
+}
+
+impl From<anyhow::Error> for XrpcError {
+    fn from(e: anyhow::Error) -> Self {
+        XrpcError::internal(e)
+    }
+}
+
+impl From<RepoError> for XrpcError {
+    fn from(e: RepoError) -> Self {
+        match e {
+            RepoError::InvalidSwap(m) => XrpcError::lexicon("InvalidSwap", m),
+            RepoError::InvalidRequest(m) => XrpcError::invalid_request(m),
+            RepoError::RepoNotFound(did) => {
+                XrpcError::lexicon("RepoNotFound", format!("Could not find repo: {did}"))
+            }
+            RepoError::Internal(e) => XrpcError::internal(e),
+        }
+    }
+}
+
+impl From<TokenError> for XrpcError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Expired => XrpcError::lexicon("ExpiredToken", e.to_string()),
+            TokenError::Invalid => XrpcError::lexicon("InvalidToken", e.to_string()),
+            TokenError::WrongScope => XrpcError::lexicon("InvalidToken", e.to_string()),
+        }
+    }
+}
+
+pub type XrpcResult<T> = Result<T, XrpcError>;

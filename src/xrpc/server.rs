@@ -1,0 +1,196 @@
+//! `com.atproto.server.*`: server description and sessions.
+
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::{XrpcError, XrpcResult};
+use super::extract::{Access, Refresh, XrpcJson};
+use crate::app::AppState;
+use crate::auth::{self, REFRESH_LIFETIME};
+use crate::db::accounts::AccountRow;
+use crate::db::now_unix;
+use crate::db::sessions::Rotation;
+
+/// # `com.atproto.server.describeServer`
+pub async fn describe_server(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "did": state.config.service_did,
+        "availableUserDomains": state.config.service_handle_domains,
+        "inviteCodeRequired": true,
+        "phoneVerificationRequired": false,
+        "links": {},
+        "contact": {},
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSessionInput {
+    identifier: String,
+    password: String,
+    #[allow(dead_code)]
+    auth_factor_token: Option<String>,
+}
+
+/// # `com.atproto.server.createSession`
+pub async fn create_session(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    XrpcJson(input): XrpcJson<CreateSessionInput>,
+) -> XrpcResult<Json<Value>> {
+    state.login_limiter.check(peer.ip())?;
+    let identifier = input.identifier.trim().to_ascii_lowercase();
+    let account = if identifier.starts_with("did:") {
+        state.db.account_by_did(&identifier).await?
+    } else if identifier.contains('@') {
+        state.db.account_by_email(&identifier).await?
+    } else {
+        state.db.account_by_handle(&identifier).await?
+    };
+    // Hash even when the account is unknown, so timing does not reveal which
+    // identifiers exist.
+    let hash = account
+        .as_ref()
+        .map(|a| a.password_hash.as_str())
+        .unwrap_or(DUMMY_HASH.as_str());
+    let password = input.password;
+    let hash_owned = hash.to_owned();
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash_owned))
+        .await
+        .map_err(|e| XrpcError::internal(anyhow::anyhow!(e)))?;
+    let account = match account {
+        Some(a) if ok && a.status != "pending" => a,
+        _ => return Err(XrpcError::auth_required("Invalid identifier or password")),
+    };
+    if account.status == "takendown" {
+        return Err(
+            XrpcError::auth_required("Account has been taken down").with_name("AccountTakedown")
+        );
+    }
+    let session_id = auth::random_id();
+    let refresh_id = auth::random_id();
+    let refresh_expires = now_unix() + REFRESH_LIFETIME.as_secs() as i64;
+    state
+        .db
+        .create_session(
+            &session_id,
+            &account.did,
+            auth::SCOPE_ACCESS,
+            &refresh_id,
+            refresh_expires,
+        )
+        .await?;
+    let access_jwt = state.tokens.access_token(&account.did, &session_id)?;
+    let refresh_jwt = state
+        .tokens
+        .refresh_token(&account.did, &refresh_id, refresh_expires)?;
+    let mut out = session_view(&state, &account)?;
+    out["accessJwt"] = json!(access_jwt);
+    out["refreshJwt"] = json!(refresh_jwt);
+    Ok(Json(out))
+}
+
+/// An Argon2id hash of a random string, for constant-work failed logins.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| auth::hash_password(&auth::random_password()).unwrap_or_default());
+
+fn session_view(state: &AppState, account: &AccountRow) -> XrpcResult<Value> {
+    let key = state.keys.repo_key(&account.did)?;
+    let mut view = json!({
+        "did": account.did,
+        "handle": account.handle,
+        "didDoc": crate::identity::did_document(&account.did, &account.handle, &key.public_key(), &state.config.public_url()),
+        "emailConfirmed": false,
+        "emailAuthFactor": false,
+        "active": account.status == "active",
+    });
+    if let Some(email) = &account.email {
+        view["email"] = json!(email);
+    }
+    if account.status != "active" {
+        view["status"] = json!(account.status);
+    }
+    Ok(view)
+}
+
+async fn account_for(state: &AppState, did: &str) -> XrpcResult<AccountRow> {
+    state
+        .db
+        .account_by_did(did)
+        .await?
+        .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Account not found"))
+}
+
+/// # `com.atproto.server.getSession`
+pub async fn get_session(State(state): State<AppState>, auth: Access) -> XrpcResult<Json<Value>> {
+    let account = account_for(&state, &auth.did).await?;
+    Ok(Json(session_view(&state, &account)?))
+}
+
+/// # `com.atproto.server.refreshSession`
+pub async fn refresh_session(
+    State(state): State<AppState>,
+    auth: Refresh,
+) -> XrpcResult<Json<Value>> {
+    let account = account_for(&state, &auth.did).await?;
+    let next_id = auth::random_id();
+    let next_expires = now_unix() + REFRESH_LIFETIME.as_secs() as i64;
+    let grace = state.config.refresh_grace_seconds as i64;
+    let (next_id, next_expires) = match state
+        .db
+        .rotate_refresh_token(&auth.token_id, &next_id, next_expires, grace)
+        .await?
+    {
+        Rotation::Rotated => (next_id, next_expires),
+        Rotation::Replayed {
+            next_id,
+            next_expires_at,
+        } => (next_id, next_expires_at),
+        Rotation::Rejected(why) => {
+            let name = if why.contains("expired") {
+                "ExpiredToken"
+            } else {
+                "InvalidToken"
+            };
+            return Err(XrpcError::lexicon(name, why));
+        }
+    };
+    let row = state
+        .db
+        .refresh_token(&next_id)
+        .await?
+        .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Token has been revoked"))?;
+    let access_jwt = state.tokens.access_token(&account.did, &row.session_id)?;
+    let refresh_jwt = state
+        .tokens
+        .refresh_token(&account.did, &next_id, next_expires)?;
+    let mut out = session_view(&state, &account)?;
+    out["accessJwt"] = json!(access_jwt);
+    out["refreshJwt"] = json!(refresh_jwt);
+    Ok(Json(out))
+}
+
+/// # `com.atproto.server.deleteSession`
+///
+/// Takes the refresh token (as the reference PDS does) or an access token.
+pub async fn delete_session(
+    State(state): State<AppState>,
+    refresh: Result<Refresh, XrpcError>,
+    access: Result<Access, XrpcError>,
+) -> XrpcResult<Json<Value>> {
+    let session_id = match (refresh, access) {
+        (Ok(r), _) => state
+            .db
+            .refresh_token(&r.token_id)
+            .await?
+            .map(|t| t.session_id),
+        (_, Ok(a)) => Some(a.session_id),
+        (Err(e), Err(_)) => return Err(e),
+    };
+    if let Some(id) = session_id {
+        state.db.delete_session(&id).await?;
+    }
+    Ok(Json(json!({})))
+}
