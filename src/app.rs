@@ -57,6 +57,8 @@ impl App {
             Some(s) => s.clone().into_bytes(),
             None => load_or_create_jwt_secret(&config)?,
         };
+        // reqwest uses rustls without a built-in provider; pick ring (idempotent).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
             .timeout(std::time::Duration::from_secs(20))

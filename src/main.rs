@@ -14,7 +14,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (configuration from roost.toml and PDS_* variables).
-    Serve,
+    Serve {
+        /// Local development: PDS_DEV_MODE=true and, unless set, PDS_HOSTNAME=localhost.
+        #[arg(long)]
+        dev: bool,
+    },
 }
 
 #[tokio::main]
@@ -25,15 +29,18 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
-    // reqwest uses rustls without a default provider; pick ring once.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
-        Command::Serve => serve().await,
+        Command::Serve { dev } => serve(dev).await,
     }
 }
 
-async fn serve() -> anyhow::Result<()> {
-    let config = RawConfig::load()?.validate()?;
+async fn serve(dev: bool) -> anyhow::Result<()> {
+    let mut raw = RawConfig::load()?;
+    if dev {
+        raw.dev_mode = true;
+        raw.hostname.get_or_insert_with(|| "localhost".into());
+    }
+    let config = raw.validate()?;
     let addr = std::net::SocketAddr::new(config.bind_address, config.port);
     let app = App::build(config).await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;

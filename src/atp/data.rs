@@ -115,7 +115,7 @@ pub fn cid_for_raw(bytes: &[u8]) -> Cid {
 /// base32 (the blessed string encoding). Re-encoding must give back the
 /// input: `Cid::from_str` alone would ignore trailing bytes after the
 /// multihash and accept other bases or an `/ipfs/` prefix.
-pub fn parse_cid(s: &str) -> Result<Cid, String> {
+fn parse_cid(s: &str) -> Result<Cid, String> {
     let cid = Cid::try_from(s).map_err(|e| format!("{s:?} is not a CID ({e})"))?;
     if cid.version() != Version::V1 {
         return Err(format!("{s:?} is a CIDv0; only CIDv1 is allowed"));

@@ -42,7 +42,7 @@ impl XrpcError {
     }
 
     pub fn auth_required(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "AuthRequired", message)
+        Self::new(StatusCode::UNAUTHORIZED, "AuthenticationRequired", message)
     }
 
     pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
