@@ -31,6 +31,14 @@ const STOP_TIMEOUT_MS = 10_000
 // Keep at most this much of the child's output; enough to explain a failure.
 const OUTPUT_LIMIT = 256 * 1024
 
+// Children still running when this process exits (a crash, or a test run
+// interrupted before its `after` hooks) are killed rather than left behind
+// holding their port.
+const liveChildren = new Set()
+process.on('exit', () => {
+  for (const child of liveChildren) child.kill('SIGKILL')
+})
+
 /** Path of the roost binary under test: $ROOST_BIN or the debug build. */
 export function roostBinPath() {
   if (process.env.ROOST_BIN) return path.resolve(process.env.ROOST_BIN)
@@ -74,7 +82,8 @@ function randomHex(bytes) {
  */
 export async function startRoost(opts = {}) {
   if (!opts.plcUrl) throw new Error('startRoost: opts.plcUrl is required')
-  const bin = opts.bin ?? roostBinPath()
+  // Absolute, because the child runs with the data directory as its cwd.
+  const bin = path.resolve(opts.bin ?? roostBinPath())
   const port = await freePort()
   const dataDir = await mkdtemp(path.join(os.tmpdir(), 'roost-interop-'))
   const handle = opts.handle ?? 'alice.test'
@@ -141,6 +150,8 @@ async function spawnAndWait(instance) {
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   instance.process = child
+  liveChildren.add(child)
+  child.once('exit', () => liveChildren.delete(child))
   instance.output += `\n--- roost started (pid ${child.pid}) ---\n`
   const append = (chunk) => {
     instance.output += chunk.toString()

@@ -89,6 +89,7 @@ describe('local PLC directory', () => {
     const { op, did } = await genesis({ signer: outsider })
     const res = await plcPost(dir.url, did, op)
     assert.equal(res.status, 400, JSON.stringify(res.body))
+    assert.match(res.body.message, /signature/i)
     assert.equal((await plcGet(dir.url, `/${did}`)).status, 404)
   })
 
@@ -97,6 +98,7 @@ describe('local PLC directory', () => {
     const { did: otherDid } = await genesis()
     const res = await plcPost(dir.url, otherDid, op)
     assert.equal(res.status, 400, JSON.stringify(res.body))
+    assert.match(res.body.message, /hash of genesis/i)
     assert.equal((await plcGet(dir.url, `/${otherDid}`)).status, 404)
   })
 

@@ -38,6 +38,7 @@ if (!roostBinAvailable(BIN) && process.env.ROOST_REQUIRE_BIN !== '1') {
 
 // A syntactically valid DID that nobody here owns; follows only need a DID.
 const SOMEONE_ELSE = 'did:plc:ewvi7nxzyoun6zhxrhs64oiz'
+const TEST_TIMEOUT_MS = 60_000
 const TID_RE = /^[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}$/
 
 /** Assert that `promise` rejects with XRPC error `name` and one of `statuses`. */
@@ -75,7 +76,8 @@ const rkeyOf = (uri) => uri.split('/').pop()
 describe('roost with the official @atproto clients', () => {
   // Each test carries the skip (rather than the suite) so that the runner's
   // summary counts them as skipped instead of not mentioning them at all.
-  const it = (name, fn) => test(name, { skip }, fn)
+  // The timeout turns a hung request into a failure instead of a stuck run.
+  const it = (name, fn) => test(name, { skip, timeout: TEST_TIMEOUT_MS }, fn)
 
   let plcDir
   let roost
@@ -85,7 +87,7 @@ describe('roost with the official @atproto clients', () => {
     if (skip) return
     plcDir = await startPlc()
     roost = await startRoost({ plcUrl: plcDir.url })
-  })
+  }, { timeout: 60_000 })
 
   after(async () => {
     // Teardown must run even if startup failed half-way.
@@ -333,13 +335,24 @@ describe('roost with the official @atproto clients', () => {
 
   it('refreshes, checks and deletes sessions', async () => {
     const agent = await login()
-    const { accessJwt, refreshJwt } = agent.session
     const server = agent.com.atproto.server
     const bearer = (jwt) => ({ headers: { authorization: `Bearer ${jwt}` } })
 
     // Access tokens carry second-resolution timestamps; wait so that a
     // correct server cannot hand back a byte-identical token.
     await sleep(1100)
+
+    // The client's own refresh path, as apps use it.
+    const before = agent.session
+    await agent.sessionManager.refreshSession()
+    assert.equal(agent.session.did, did)
+    assert.notEqual(agent.session.refreshJwt, before.refreshJwt)
+    assert.notEqual(agent.session.accessJwt, before.accessJwt)
+    assert.equal((await server.getSession()).data.did, did)
+
+    // The same by hand, with the refresh JWT as bearer.
+    await sleep(1100)
+    const { accessJwt, refreshJwt } = agent.session
     const { data: refreshed } = await server.refreshSession(undefined, bearer(refreshJwt))
     assert.equal(refreshed.did, did)
     assert.equal(refreshed.handle, 'alice.test')
