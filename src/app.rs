@@ -28,6 +28,10 @@ pub struct Inner {
     pub tokens: TokenIssuer,
     pub plc: PlcClient,
     pub login_limiter: crate::auth::LoginLimiter,
+    pub sequencer: Arc<crate::sequencer::Sequencer>,
+    /// Flips to true when the server starts shutting down (ends firehose streams).
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    pub http: reqwest::Client,
 }
 
 impl std::ops::Deref for AppState {
@@ -64,10 +68,17 @@ impl App {
             .timeout(std::time::Duration::from_secs(20))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let sequencer = Arc::new(crate::sequencer::Sequencer::new(
+            config.firehose_max_subscribers,
+            config.firehose_max_per_ip,
+        ));
         let state = AppState(Arc::new(Inner {
             tokens: TokenIssuer::new(&jwt_secret, config.service_did.clone()),
-            plc: PlcClient::new(http, config.plc_url.clone()),
-            repo: RepoService::new(db.clone()),
+            plc: PlcClient::new(http.clone(), config.plc_url.clone()),
+            shutdown: tokio::sync::watch::channel(false).0,
+            http,
+            repo: RepoService::new(db.clone(), sequencer.clone()),
+            sequencer,
             login_limiter: Default::default(),
             keys,
             db,
@@ -88,19 +99,56 @@ impl App {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let router = self.router();
-        let db = self.state.db.clone();
+        let state = self.state.clone();
+        let db = state.db.clone();
+        let background = [
+            tokio::spawn(prune_events(state.clone())),
+            tokio::spawn(crate::crawl::run(
+                state.http.clone(),
+                state.config.crawlers.clone(),
+                state.config.hostname.clone(),
+                state.sequencer.activity(),
+            )),
+        ];
+        let stop = state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Firehose streams end themselves, so draining can finish.
+            let _ = stop.shutdown.send(true);
+        };
         axum::serve(
             listener,
             router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await?;
+        for task in background {
+            task.abort();
+        }
         // Leave a compact database behind for backups by file copy.
         let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&db.pool)
             .await;
         db.pool.close().await;
         Ok(())
+    }
+}
+
+/// Drops firehose events older than the retention window, hourly.
+async fn prune_events(state: AppState) {
+    let retention = state.config.firehose_retention_hours as i64 * 3600;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        match state
+            .db
+            .prune_events(crate::db::now_unix() - retention)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "pruned old firehose events"),
+            Err(e) => tracing::warn!(error = %e, "pruning firehose events failed"),
+        }
     }
 }
 
@@ -172,7 +220,10 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
             .context("registering the DID with the PLC directory")?;
         let key = state.keys.repo_key(&account.did)?;
         if state.db.repo_root(&account.did).await?.is_none() {
-            state.repo.create_empty_repo(&account.did, &key).await?;
+            state
+                .repo
+                .create_empty_repo(&account.did, &account.handle, &key)
+                .await?;
         }
         tracing::info!(did = %account.did, handle = %account.handle, "account ready");
     }

@@ -66,6 +66,12 @@ pub struct RawConfig {
     /// Relays to ask for crawls (`PDS_CRAWLERS`, comma-separated).
     #[serde(deserialize_with = "stringish")]
     pub crawlers: Option<String>,
+    /// Most concurrent firehose subscribers (`PDS_FIREHOSE_MAX_SUBSCRIBERS`, default 1000).
+    pub firehose_max_subscribers: usize,
+    /// Most firehose subscribers per IP (`PDS_FIREHOSE_MAX_PER_IP`, default 8).
+    pub firehose_max_per_ip: usize,
+    /// How long firehose events are kept (`PDS_FIREHOSE_RETENTION_HOURS`, default 72).
+    pub firehose_retention_hours: u64,
 }
 
 impl Default for RawConfig {
@@ -88,6 +94,9 @@ impl Default for RawConfig {
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: None,
+            firehose_max_subscribers: 1000,
+            firehose_max_per_ip: 8,
+            firehose_retention_hours: 72,
         }
     }
 }
@@ -131,6 +140,9 @@ pub struct Config {
     pub refresh_grace_seconds: u64,
     pub max_json_bytes: usize,
     pub crawlers: Vec<String>,
+    pub firehose_max_subscribers: usize,
+    pub firehose_max_per_ip: usize,
+    pub firehose_retention_hours: u64,
 }
 
 /// The account that the first start creates.
@@ -253,6 +265,9 @@ impl RawConfig {
                 .as_deref()
                 .map(|c| split_list(c).collect())
                 .unwrap_or_default(),
+            firehose_max_subscribers: self.firehose_max_subscribers,
+            firehose_max_per_ip: self.firehose_max_per_ip,
+            firehose_retention_hours: self.firehose_retention_hours,
         })
     }
 }
@@ -325,6 +340,9 @@ impl Config {
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: Vec::new(),
+            firehose_max_subscribers: 1000,
+            firehose_max_per_ip: 8,
+            firehose_retention_hours: 72,
         }
     }
 }

@@ -15,11 +15,14 @@ use ipld_core::ipld::Ipld;
 
 use crate::atp::commit;
 use crate::atp::data::{cid_for_cbor, encode_cbor};
+use crate::atp::event::{self, CommitEvent, RepoOp};
 use crate::atp::keys::SigningKey;
-use crate::atp::mst::{BlockSource, MstEditor, MstError};
+use crate::atp::mst::{BlockSource, MstEditor, MstError, OpChange, covering_proof};
 use crate::atp::syntax::{Nsid, RecordKey, Tid, TidClock};
 use crate::db::Db;
 use crate::db::repo::{CommitPersistError, CommitWrite, RecordRow, RepoRoot};
+use crate::db::seq::append_event;
+use crate::sequencer::Sequencer;
 
 /// Largest record accepted, as encoded DAG-CBOR (the reference PDS's limit).
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
@@ -153,16 +156,45 @@ impl BlockSource for DbBlocks<'_> {
     }
 }
 
+/// Blocks of a commit being prepared, over the stored ones.
+struct Overlay<'a> {
+    top: HashMap<Cid, Arc<[u8]>>,
+    base: DbBlocks<'a>,
+}
+
+impl BlockSource for Overlay<'_> {
+    async fn get_block(&self, cid: &Cid) -> Result<Option<Arc<[u8]>>, MstError> {
+        match self.top.get(cid) {
+            Some(hit) => Ok(Some(hit.clone())),
+            None => self.base.get_block(cid).await,
+        }
+    }
+}
+
 pub struct RepoService {
     db: Db,
     cache: BlockCache,
     /// Per-DID write locks: one commit at a time per repository.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     clock: Mutex<TidClock>,
+    sequencer: Arc<Sequencer>,
+}
+
+fn now_datetime() -> String {
+    crate::atp::syntax::Datetime::from_offset(time::OffsetDateTime::now_utc()).to_string()
+}
+
+/// A CAR holding `root` first and then `blocks`.
+fn car_of(root: Cid, blocks: &[(Cid, &[u8])]) -> Vec<u8> {
+    let mut out = crate::atp::car::encode_header(&[root]);
+    for (cid, data) in blocks {
+        out.extend(crate::atp::car::encode_block(cid, data));
+    }
+    out
 }
 
 impl RepoService {
-    pub fn new(db: Db) -> Self {
+    pub fn new(db: Db, sequencer: Arc<Sequencer>) -> Self {
         // A random clock id makes two processes' TIDs distinct even in the same microsecond.
         let clock_id = rand::random::<u16>() & 0x3ff;
         RepoService {
@@ -170,6 +202,7 @@ impl RepoService {
             cache: BlockCache::new(NODE_CACHE_ENTRIES),
             locks: Mutex::new(HashMap::new()),
             clock: Mutex::new(TidClock::new(clock_id)),
+            sequencer,
         }
     }
 
@@ -198,10 +231,12 @@ impl RepoService {
         }
     }
 
-    /// Creates the first commit (an empty tree) of a new repository.
+    /// Creates the first commit (an empty tree) of a new repository, and
+    /// announces the account on the firehose (`#identity`, `#account`, `#sync`).
     pub async fn create_empty_repo(
         &self,
         did: &str,
+        handle: &str,
         key: &SigningKey,
     ) -> Result<CommitInfo, RepoError> {
         let lock = self.lock_for(did);
@@ -217,8 +252,11 @@ impl RepoService {
         let rev = self.next_tid(None);
         let signed =
             commit::sign(did, rev.as_str(), diff.root, key).map_err(anyhow::Error::from)?;
+        let sync_car = car_of(signed.cid, &[(signed.cid, &signed.bytes)]);
         let mut blocks = diff.new_blocks;
         blocks.push((signed.cid, signed.bytes));
+        let time = now_datetime();
+        let _seq_guard = self.sequencer.write_lock().await;
         let mut tx = self.db.pool.begin().await?;
         crate::db::repo::persist_commit_in(
             &mut tx,
@@ -240,7 +278,22 @@ impl RepoService {
         .await
         .map_err(persist_error)?;
         crate::db::accounts::set_status(&mut tx, did, "active").await?;
+        let frames = vec![
+            append_event(&mut tx, did, "identity", |seq| {
+                Ok(event::identity_frame(seq, did, Some(handle), &time)?)
+            })
+            .await?,
+            append_event(&mut tx, did, "account", |seq| {
+                Ok(event::account_frame(seq, did, true, None, &time)?)
+            })
+            .await?,
+            append_event(&mut tx, did, "sync", |seq| {
+                Ok(event::sync_frame(seq, did, sync_car, rev.as_str(), &time)?)
+            })
+            .await?,
+        ];
         tx.commit().await?;
+        self.sequencer.publish(frames);
         Ok(CommitInfo {
             cid: signed.cid,
             rev: rev.to_string(),
@@ -279,6 +332,15 @@ impl RepoService {
         let mut released = Vec::new();
         let mut results = Vec::with_capacity(writes.len());
         let mut changed = false;
+        // Per key: value before this commit and after it, in first-touch order.
+        let mut changes: Vec<(String, Option<Cid>, Option<Cid>)> = Vec::new();
+        let mut note = |key: &str, before: Option<Cid>, after: Option<Cid>| match changes
+            .iter_mut()
+            .find(|(k, _, _)| k == key)
+        {
+            Some(entry) => entry.2 = after,
+            None => changes.push((key.to_owned(), before, after)),
+        };
 
         for write in writes {
             match write {
@@ -320,6 +382,7 @@ impl RepoService {
                     let (cid, bytes) = encode_record(&value)?;
                     if current != Some(cid) {
                         editor.insert(&key, cid).await?;
+                        note(&key, current, Some(cid));
                         record_blocks.push((cid, bytes));
                         upserts.push(RecordRow {
                             collection: collection.to_string(),
@@ -352,6 +415,7 @@ impl RepoService {
                     check_swap(&key, current, swap)?;
                     if let Some(old) = current {
                         editor.delete(&key).await?;
+                        note(&key, Some(old), None);
                         deletes.push((collection.to_string(), rkey.to_string()));
                         upserts.retain(|r: &RecordRow| {
                             !(r.collection == collection.as_str() && r.rkey == rkey.as_str())
@@ -374,28 +438,124 @@ impl RepoService {
         let rev = self.next_tid(Some(&root.rev));
         let signed =
             commit::sign(did, rev.as_str(), diff.root, key).map_err(anyhow::Error::from)?;
+        changes.retain(|(_, before, after)| before != after);
+
+        // The firehose event: the commit, its new records, and the MST nodes
+        // a consumer needs to check every op and invert it (sync v1.1).
+        let ops: Vec<RepoOp> = changes
+            .iter()
+            .map(|(path, before, after)| RepoOp {
+                action: match (before, after) {
+                    (None, _) => "create",
+                    (Some(_), Some(_)) => "update",
+                    (Some(_), None) => "delete",
+                },
+                path: path.clone(),
+                cid: *after,
+                prev: *before,
+            })
+            .collect();
+        let overlay = Overlay {
+            top: diff
+                .new_blocks
+                .iter()
+                .map(|(c, b)| (*c, Arc::from(b.as_slice())))
+                .collect(),
+            base: self.blocks(did),
+        };
+        let op_changes: Vec<OpChange> = changes
+            .iter()
+            .map(|(k, before, after)| OpChange {
+                key: k,
+                before: *before,
+                after: *after,
+            })
+            .collect();
+        let proof = covering_proof(&overlay, diff.root, &op_changes).await?;
+        let mut event_blocks: Vec<(Cid, Arc<[u8]>)> = Vec::new();
+        event_blocks.push((signed.cid, Arc::from(signed.bytes.as_slice())));
+        for cid in proof
+            .iter()
+            .chain(overlay.top.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let bytes = overlay
+                .get_block(cid)
+                .await?
+                .ok_or(MstError::MissingBlock(*cid))?;
+            event_blocks.push((*cid, bytes));
+        }
+        for (path, _, after) in &changes {
+            if let Some(cid) = after {
+                if let Some((_, bytes)) = record_blocks.iter().find(|(c, _)| c == cid) {
+                    event_blocks.push((*cid, Arc::from(bytes.as_slice())));
+                } else {
+                    return Err(RepoError::Internal(anyhow::anyhow!(
+                        "record block for {path} missing"
+                    )));
+                }
+            }
+        }
+        let event_refs: Vec<(Cid, &[u8])> =
+            event_blocks.iter().map(|(c, b)| (*c, &b[..])).collect();
+        let commit_car = car_of(signed.cid, &event_refs);
+        let too_big =
+            commit_car.len() > event::MAX_COMMIT_BLOCKS_BYTES || ops.len() > event::MAX_COMMIT_OPS;
+
         let mut new_blocks = diff.new_blocks;
         new_blocks.extend(record_blocks);
-        new_blocks.push((signed.cid, signed.bytes));
+        new_blocks.push((signed.cid, signed.bytes.clone()));
         let mut removed = diff.removed;
         removed.push(root.commit_cid);
-        self.db
-            .persist_commit(CommitWrite {
+        let new_root = RepoRoot {
+            commit_cid: signed.cid,
+            data_cid: diff.root,
+            rev: rev.to_string(),
+        };
+        let time = now_datetime();
+
+        let _seq_guard = self.sequencer.write_lock().await;
+        let mut tx = self.db.pool.begin().await?;
+        crate::db::repo::persist_commit_in(
+            &mut tx,
+            CommitWrite {
                 did,
                 previous_commit: Some(root.commit_cid),
-                root: RepoRoot {
-                    commit_cid: signed.cid,
-                    data_cid: diff.root,
-                    rev: rev.to_string(),
-                },
+                root: new_root,
                 new_blocks: &new_blocks,
                 removed_blocks: &removed,
                 upserts: &upserts,
                 deletes: &deletes,
                 released_record_cids: &released,
+            },
+        )
+        .await
+        .map_err(persist_error)?;
+        let frame = if too_big {
+            // Too large to ship as a diff: consumers re-sync from the commit.
+            let car = car_of(signed.cid, &[(signed.cid, &signed.bytes)]);
+            append_event(&mut tx, did, "sync", |seq| {
+                Ok(event::sync_frame(seq, did, car, rev.as_str(), &time)?)
             })
-            .await
-            .map_err(persist_error)?;
+            .await?
+        } else {
+            let e = CommitEvent {
+                did,
+                commit: signed.cid,
+                rev: rev.as_str(),
+                since: Some(&root.rev),
+                prev_data: Some(root.data_cid),
+                blocks: commit_car,
+                ops: &ops,
+                time: &time,
+            };
+            append_event(&mut tx, did, "commit", |seq| {
+                Ok(event::commit_frame(seq, &e)?)
+            })
+            .await?
+        };
+        tx.commit().await?;
+        self.sequencer.publish(vec![frame]);
         Ok(ApplyOutcome {
             commit: Some(CommitInfo {
                 cid: signed.cid,

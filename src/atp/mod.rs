@@ -8,6 +8,7 @@
 pub mod car;
 pub mod commit;
 pub mod data;
+pub mod event;
 pub mod keys;
 pub mod mst;
 pub mod syntax;

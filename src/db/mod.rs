@@ -10,6 +10,7 @@
 
 pub mod accounts;
 pub mod repo;
+pub mod seq;
 pub mod sessions;
 
 use std::str::FromStr;

@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 mod repo;
 mod server;
+mod subscribe;
 mod sync;
 
 use axum::Router;
@@ -65,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.sync.getBlocks", get(sync::get_blocks)),
         ("com.atproto.sync.getRepoStatus", get(sync::get_repo_status)),
         ("com.atproto.sync.listRepos", get(sync::list_repos)),
+        (
+            "com.atproto.sync.subscribeRepos",
+            get(subscribe::subscribe_repos),
+        ),
     ];
     let mut router = Router::new()
         .route("/", get(banner))
@@ -76,6 +81,7 @@ pub fn router(state: AppState) -> Router {
             || nsid.contains(".list")
             || nsid.contains(".describe")
             || nsid.contains(".resolve")
+            || nsid.contains(".subscribe")
         {
             Method::GET
         } else {
