@@ -19,6 +19,11 @@ enum Command {
         #[arg(long)]
         dev: bool,
     },
+    /// Ask the relays in PDS_CRAWLERS (or those given) to crawl this PDS now.
+    Crawl {
+        /// Relay hosts; defaults to PDS_CRAWLERS.
+        relays: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -32,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve { dev } => serve(dev).await,
+        Command::Crawl { relays } => crawl(relays).await,
     }
 }
 
@@ -64,4 +70,24 @@ async fn shutdown_signal() {
     };
     tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
     tracing::info!("shutting down");
+}
+
+async fn crawl(relays: Vec<String>) -> anyhow::Result<()> {
+    let config = RawConfig::load()?.validate()?;
+    let relays = if relays.is_empty() { config.crawlers.clone() } else { relays };
+    anyhow::ensure!(!relays.is_empty(), "no relays: set PDS_CRAWLERS or name them");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(20)).build()?;
+    let mut failed = 0;
+    for relay in &relays {
+        match roost::crawl::request_crawl(&http, relay, &config.hostname).await {
+            Ok(()) => println!("{relay}: crawl requested for {}", config.hostname),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{relay}: {e}");
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} relays refused", relays.len());
+    Ok(())
 }
