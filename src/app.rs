@@ -32,6 +32,7 @@ pub struct Inner {
     /// Flips to true when the server starts shutting down (ends firehose streams).
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub http: reqwest::Client,
+    pub blobs: crate::blobs::Blobs,
 }
 
 impl std::ops::Deref for AppState {
@@ -47,15 +48,9 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        std::fs::create_dir_all(&config.data_directory).with_context(|| {
-            format!(
-                "creating data directory {}",
-                config.data_directory.display()
-            )
-        })?;
-        let db = Db::open(&config.db_path())
-            .await
-            .context("opening the database")?;
+        std::fs::create_dir_all(&config.data_directory)
+            .with_context(|| format!("creating data directory {}", config.data_directory.display()))?;
+        let db = Db::open(&config.db_path()).await.context("opening the database")?;
         let keys = KeyStore::open(config.keys_dir(), config.rotation_key_hex.as_deref())?;
         let jwt_secret = match &config.jwt_secret {
             Some(s) => s.clone().into_bytes(),
@@ -77,6 +72,7 @@ impl App {
             plc: PlcClient::new(http.clone(), config.plc_url.clone()),
             shutdown: tokio::sync::watch::channel(false).0,
             http,
+            blobs: crate::blobs::Blobs::open(db.clone(), &config)?,
             repo: RepoService::new(db.clone(), sequencer.clone()),
             sequencer,
             login_limiter: Default::default(),
@@ -103,6 +99,7 @@ impl App {
         let db = state.db.clone();
         let background = [
             tokio::spawn(prune_events(state.clone())),
+            tokio::spawn(sweep_blobs(state.clone())),
             tokio::spawn(crate::crawl::run(
                 state.http.clone(),
                 state.config.crawlers.clone(),
@@ -116,21 +113,34 @@ impl App {
             // Firehose streams end themselves, so draining can finish.
             let _ = stop.shutdown.send(true);
         };
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await?;
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await?;
         for task in background {
             task.abort();
         }
         // Leave a compact database behind for backups by file copy.
-        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&db.pool)
-            .await;
+        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&db.pool).await;
         db.pool.close().await;
         Ok(())
+    }
+}
+
+/// Finishes queued large-blob deletions (also those a crash left behind) and
+/// deletes uploads no record adopted within the TTL, every ten minutes.
+async fn sweep_blobs(state: AppState) {
+    let ttl = state.config.blobstore.unused_ttl_seconds as i64;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+    loop {
+        tick.tick().await;
+        match state.db.sweep_unused_blobs(crate::db::now_unix() - ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(swept = n, "deleted unused blobs"),
+            Err(e) => tracing::warn!(error = %e, "sweeping unused blobs failed"),
+        }
+        if let Err(e) = state.blobs.process_deletions().await {
+            tracing::warn!(error = %e, "deleting released blobs failed");
+        }
     }
 }
 
@@ -140,11 +150,7 @@ async fn prune_events(state: AppState) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        match state
-            .db
-            .prune_events(crate::db::now_unix() - retention)
-            .await
-        {
+        match state.db.prune_events(crate::db::now_unix() - retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "pruned old firehose events"),
             Err(e) => tracing::warn!(error = %e, "pruning firehose events failed"),
@@ -193,10 +199,8 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
                 password_hash: hash_password(&password)?,
                 status: "pending".into(),
                 plc_genesis_op: Some(genesis.op.to_string()),
-                created_at: crate::atp::syntax::Datetime::from_offset(
-                    time::OffsetDateTime::now_utc(),
-                )
-                .to_string(),
+                created_at: crate::atp::syntax::Datetime::from_offset(time::OffsetDateTime::now_utc())
+                    .to_string(),
             };
             state.db.insert_pending_account(&row).await?;
             if generated {
@@ -210,20 +214,12 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
         }
     };
     if account.status == "pending" {
-        let op: serde_json::Value =
-            serde_json::from_str(account.plc_genesis_op.as_deref().unwrap_or("null"))
-                .context("stored genesis op")?;
-        state
-            .plc
-            .submit(&account.did, &op)
-            .await
-            .context("registering the DID with the PLC directory")?;
+        let op: serde_json::Value = serde_json::from_str(account.plc_genesis_op.as_deref().unwrap_or("null"))
+            .context("stored genesis op")?;
+        state.plc.submit(&account.did, &op).await.context("registering the DID with the PLC directory")?;
         let key = state.keys.repo_key(&account.did)?;
         if state.db.repo_root(&account.did).await?.is_none() {
-            state
-                .repo
-                .create_empty_repo(&account.did, &account.handle, &key)
-                .await?;
+            state.repo.create_empty_repo(&account.did, &account.handle, &key).await?;
         }
         tracing::info!(did = %account.did, handle = %account.handle, "account ready");
     }

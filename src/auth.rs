@@ -30,9 +30,7 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
 /// Constant-time (inside argon2) password check.
 pub fn verify_password(password: &str, hash: &str) -> bool {
     match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
         Err(_) => false,
     }
 }
@@ -47,9 +45,7 @@ pub fn random_id() -> String {
 pub fn random_password() -> String {
     const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::rng();
-    (0..24)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..24).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -86,10 +82,7 @@ pub struct TokenIssuer {
 
 impl TokenIssuer {
     pub fn new(secret: &[u8], service_did: String) -> Self {
-        TokenIssuer {
-            key: HS256Key::from_bytes(secret),
-            service_did,
-        }
+        TokenIssuer { key: HS256Key::from_bytes(secret), service_did }
     }
 
     fn sign(
@@ -105,32 +98,19 @@ impl TokenIssuer {
         if let Some(jti) = jti {
             c = c.with_jwt_id(jti);
         }
-        self.key
-            .authenticate(c)
-            .map_err(|e| anyhow::anyhow!("signing JWT: {e}"))
+        self.key.authenticate(c).map_err(|e| anyhow::anyhow!("signing JWT: {e}"))
     }
 
     pub fn access_token(&self, did: &str, session_id: &str) -> anyhow::Result<String> {
-        let claims = SessionClaims {
-            scope: SCOPE_ACCESS.into(),
-            sid: Some(session_id.into()),
-        };
+        let claims = SessionClaims { scope: SCOPE_ACCESS.into(), sid: Some(session_id.into()) };
         self.sign(did, claims, ACCESS_LIFETIME, None)
     }
 
     /// A refresh token whose `jti` is the `refresh_token` row id.
-    pub fn refresh_token(
-        &self,
-        did: &str,
-        token_id: &str,
-        expires_at: i64,
-    ) -> anyhow::Result<String> {
+    pub fn refresh_token(&self, did: &str, token_id: &str, expires_at: i64) -> anyhow::Result<String> {
         let now = crate::db::now_unix();
         let lifetime = Duration::from_secs(u64::try_from(expires_at - now).unwrap_or(0).max(1));
-        let claims = SessionClaims {
-            scope: SCOPE_REFRESH.into(),
-            sid: None,
-        };
+        let claims = SessionClaims { scope: SCOPE_REFRESH.into(), sid: None };
         self.sign(did, claims, lifetime, Some(token_id))
     }
 
@@ -140,17 +120,13 @@ impl TokenIssuer {
             time_tolerance: Some(jwt_simple::prelude::Duration::from_secs(0)),
             ..Default::default()
         };
-        let claims = self
-            .key
-            .verify_token::<SessionClaims>(token, Some(options))
-            .map_err(|e| match e.downcast_ref::<jwt_simple::JWTError>() {
+        let claims = self.key.verify_token::<SessionClaims>(token, Some(options)).map_err(|e| {
+            match e.downcast_ref::<jwt_simple::JWTError>() {
                 Some(jwt_simple::JWTError::TokenHasExpired) => TokenError::Expired,
                 _ => TokenError::Invalid,
-            })?;
-        let exp = claims
-            .expires_at
-            .map(|e| e.as_secs() as i64)
-            .ok_or(TokenError::Invalid)?;
+            }
+        })?;
+        let exp = claims.expires_at.map(|e| e.as_secs() as i64).ok_or(TokenError::Invalid)?;
         Ok((claims, exp))
     }
 
@@ -196,44 +172,21 @@ mod tests {
 
     #[test]
     fn tokens_check_scope_audience_and_signature() {
-        let issuer = TokenIssuer::new(
-            b"0123456789abcdef0123456789abcdef",
-            "did:web:pds.test".into(),
-        );
+        let issuer = TokenIssuer::new(b"0123456789abcdef0123456789abcdef", "did:web:pds.test".into());
         let access = issuer.access_token("did:plc:abc", "sess1").expect("access");
         let info = issuer.verify_access(&access).expect("verify");
-        assert_eq!(
-            (info.did.as_str(), info.id.as_str()),
-            ("did:plc:abc", "sess1")
-        );
-        assert_eq!(
-            issuer.verify_refresh(&access).unwrap_err(),
-            TokenError::WrongScope
-        );
+        assert_eq!((info.did.as_str(), info.id.as_str()), ("did:plc:abc", "sess1"));
+        assert_eq!(issuer.verify_refresh(&access).unwrap_err(), TokenError::WrongScope);
 
-        let refresh = issuer
-            .refresh_token("did:plc:abc", "tok1", crate::db::now_unix() + 60)
-            .expect("refresh");
+        let refresh =
+            issuer.refresh_token("did:plc:abc", "tok1", crate::db::now_unix() + 60).expect("refresh");
         assert_eq!(issuer.verify_refresh(&refresh).expect("verify").id, "tok1");
-        assert_eq!(
-            issuer.verify_access(&refresh).unwrap_err(),
-            TokenError::WrongScope
-        );
+        assert_eq!(issuer.verify_access(&refresh).unwrap_err(), TokenError::WrongScope);
 
-        let other_aud =
-            TokenIssuer::new(b"0123456789abcdef0123456789abcdef", "did:web:other".into());
-        assert_eq!(
-            other_aud.verify_access(&access).unwrap_err(),
-            TokenError::Invalid
-        );
-        let other_key = TokenIssuer::new(
-            b"ffffffffffffffffffffffffffffffff",
-            "did:web:pds.test".into(),
-        );
-        assert_eq!(
-            other_key.verify_access(&access).unwrap_err(),
-            TokenError::Invalid
-        );
+        let other_aud = TokenIssuer::new(b"0123456789abcdef0123456789abcdef", "did:web:other".into());
+        assert_eq!(other_aud.verify_access(&access).unwrap_err(), TokenError::Invalid);
+        let other_key = TokenIssuer::new(b"ffffffffffffffffffffffffffffffff", "did:web:pds.test".into());
+        assert_eq!(other_key.verify_access(&access).unwrap_err(), TokenError::Invalid);
     }
 }
 

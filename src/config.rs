@@ -72,6 +72,28 @@ pub struct RawConfig {
     pub firehose_max_per_ip: usize,
     /// How long firehose events are kept (`PDS_FIREHOSE_RETENTION_HOURS`, default 72).
     pub firehose_retention_hours: u64,
+    /// Largest blob upload in bytes (`PDS_BLOB_UPLOAD_LIMIT`, default 100 MB).
+    pub blob_upload_limit: u64,
+    /// Blobs up to this size live in SQLite (`PDS_SQLITE_BLOB_MAX_BYTES`, default 64 KiB).
+    pub sqlite_blob_max_bytes: u64,
+    /// Directory of the large-blob store (`PDS_BLOBSTORE_DISK_LOCATION`, default `<data>/blobs`).
+    #[serde(deserialize_with = "stringish")]
+    pub blobstore_disk_location: Option<String>,
+    /// S3 bucket for large blobs (`PDS_BLOBSTORE_S3_BUCKET`); when set, S3 is the large store.
+    #[serde(deserialize_with = "stringish")]
+    pub blobstore_s3_bucket: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub blobstore_s3_region: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub blobstore_s3_endpoint: Option<String>,
+    pub blobstore_s3_force_path_style: bool,
+    #[serde(deserialize_with = "stringish")]
+    pub blobstore_s3_access_key_id: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub blobstore_s3_secret_access_key: Option<String>,
+    /// Uploaded blobs no record references are deleted after this
+    /// (`PDS_BLOB_UNUSED_TTL_SECONDS`, default 3600).
+    pub blob_unused_ttl_seconds: u64,
 }
 
 impl Default for RawConfig {
@@ -97,6 +119,16 @@ impl Default for RawConfig {
             firehose_max_subscribers: 1000,
             firehose_max_per_ip: 8,
             firehose_retention_hours: 72,
+            blob_upload_limit: 100 * 1000 * 1000,
+            sqlite_blob_max_bytes: 64 * 1024,
+            blobstore_disk_location: None,
+            blobstore_s3_bucket: None,
+            blobstore_s3_region: None,
+            blobstore_s3_endpoint: None,
+            blobstore_s3_force_path_style: false,
+            blobstore_s3_access_key_id: None,
+            blobstore_s3_secret_access_key: None,
+            blob_unused_ttl_seconds: 3600,
         }
     }
 }
@@ -143,6 +175,37 @@ pub struct Config {
     pub firehose_max_subscribers: usize,
     pub firehose_max_per_ip: usize,
     pub firehose_retention_hours: u64,
+    pub blobstore: BlobstoreConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlobstoreConfig {
+    pub upload_limit: u64,
+    pub sqlite_max_bytes: u64,
+    pub disk_location: PathBuf,
+    pub s3: Option<S3Config>,
+    pub unused_ttl_seconds: u64,
+}
+
+#[derive(Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub force_path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Config {
+    // Never print the secret key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The account that the first start creates.
@@ -156,10 +219,7 @@ pub struct AccountSeed {
 impl std::fmt::Debug for AccountSeed {
     // Never print the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccountSeed")
-            .field("handle", &self.handle)
-            .field("email", &self.email)
-            .finish()
+        f.debug_struct("AccountSeed").field("handle", &self.handle).field("email", &self.email).finish()
     }
 }
 
@@ -191,9 +251,7 @@ impl RawConfig {
                 "PDS_HOSTNAME={hostname} is only allowed with PDS_DEV_MODE=true (a public PDS needs a domain name)"
             )));
         }
-        let plc_url = self
-            .did_plc_url
-            .unwrap_or_else(|| "https://plc.directory".into());
+        let plc_url = self.did_plc_url.unwrap_or_else(|| "https://plc.directory".into());
         check_url("PDS_DID_PLC_URL", &plc_url, dev)?;
         let bind_address = self
             .bind_address
@@ -202,22 +260,14 @@ impl RawConfig {
             .parse()
             .map_err(|e| err(format!("PDS_BIND_ADDRESS: {e}")))?;
         let service_handle_domains: Vec<String> = match self.service_handle_domains {
-            Some(list) => split_list(&list)
-                .map(|d| {
-                    if d.starts_with('.') {
-                        d
-                    } else {
-                        format!(".{d}")
-                    }
-                })
-                .collect(),
+            Some(list) => {
+                split_list(&list).map(|d| if d.starts_with('.') { d } else { format!(".{d}") }).collect()
+            }
             None => vec![format!(".{hostname}")],
         };
         for domain in &service_handle_domains {
             if domain.ends_with(".test") && !dev {
-                return Err(err(format!(
-                    "handle domain {domain} needs PDS_DEV_MODE=true"
-                )));
+                return Err(err(format!("handle domain {domain} needs PDS_DEV_MODE=true")));
             }
         }
         let account = match self.handle.filter(|h| !h.is_empty()) {
@@ -226,9 +276,7 @@ impl RawConfig {
                 crate::atp::syntax::Handle::new(handle.clone())
                     .map_err(|e| err(format!("PDS_HANDLE: {e}")))?;
                 if handle.ends_with(".test") && !dev {
-                    return Err(err(
-                        "PDS_HANDLE ending in .test needs PDS_DEV_MODE=true".into()
-                    ));
+                    return Err(err("PDS_HANDLE ending in .test needs PDS_DEV_MODE=true".into()));
                 }
                 Some(AccountSeed {
                     handle,
@@ -243,14 +291,13 @@ impl RawConfig {
                 return Err(err("PDS_JWT_SECRET must be at least 16 characters".into()));
             }
         }
+        let data_directory = PathBuf::from(self.data_directory.unwrap_or_else(|| "./data".into()));
         Ok(Config {
-            service_did: self
-                .service_did
-                .unwrap_or_else(|| format!("did:web:{hostname}")),
+            service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
             bind_address,
-            data_directory: PathBuf::from(self.data_directory.unwrap_or_else(|| "./data".into())),
+            data_directory: data_directory.clone(),
             plc_url: plc_url.trim_end_matches('/').to_owned(),
             jwt_secret: self.jwt_secret,
             admin_password: self.admin_password,
@@ -260,32 +307,40 @@ impl RawConfig {
             account,
             refresh_grace_seconds: self.refresh_grace_seconds,
             max_json_bytes: self.max_json_bytes,
-            crawlers: self
-                .crawlers
-                .as_deref()
-                .map(|c| split_list(c).collect())
-                .unwrap_or_default(),
+            crawlers: self.crawlers.as_deref().map(|c| split_list(c).collect()).unwrap_or_default(),
             firehose_max_subscribers: self.firehose_max_subscribers,
             firehose_max_per_ip: self.firehose_max_per_ip,
             firehose_retention_hours: self.firehose_retention_hours,
+            blobstore: BlobstoreConfig {
+                upload_limit: self.blob_upload_limit,
+                sqlite_max_bytes: self.sqlite_blob_max_bytes,
+                disk_location: self
+                    .blobstore_disk_location
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| data_directory.join("blobs")),
+                s3: self.blobstore_s3_bucket.filter(|b| !b.is_empty()).map(|bucket| S3Config {
+                    bucket,
+                    region: self.blobstore_s3_region,
+                    endpoint: self.blobstore_s3_endpoint,
+                    force_path_style: self.blobstore_s3_force_path_style,
+                    access_key_id: self.blobstore_s3_access_key_id,
+                    secret_access_key: self.blobstore_s3_secret_access_key,
+                }),
+                unused_ttl_seconds: self.blob_unused_ttl_seconds,
+            },
         })
     }
 }
 
 fn split_list(list: &str) -> impl Iterator<Item = String> + '_ {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
 fn check_url(name: &str, url: &str, dev: bool) -> Result<(), ConfigError> {
     match url.split_once("://") {
         Some(("https", _)) => Ok(()),
         Some(("http", _)) if dev => Ok(()),
-        Some(("http", _)) => Err(ConfigError(format!(
-            "{name}={url}: plain http needs PDS_DEV_MODE=true"
-        ))),
+        Some(("http", _)) => Err(ConfigError(format!("{name}={url}: plain http needs PDS_DEV_MODE=true"))),
         _ => Err(ConfigError(format!("{name}={url} is not an http(s) URL"))),
     }
 }
@@ -310,9 +365,7 @@ impl Config {
 
     /// Whether `handle` falls under one of this server's handle domains.
     pub fn is_service_handle(&self, handle: &str) -> bool {
-        self.service_handle_domains
-            .iter()
-            .any(|d| handle.ends_with(d.as_str()) && handle.len() > d.len())
+        self.service_handle_domains.iter().any(|d| handle.ends_with(d.as_str()) && handle.len() > d.len())
     }
 
     /// A development configuration for tests: everything under `data_dir`.
@@ -321,6 +374,13 @@ impl Config {
             hostname: "localhost".into(),
             port: 0,
             bind_address: IpAddr::from([127, 0, 0, 1]),
+            blobstore: BlobstoreConfig {
+                upload_limit: 100 * 1000 * 1000,
+                sqlite_max_bytes: 64 * 1024,
+                disk_location: data_dir.join("blobs"),
+                s3: None,
+                unused_ttl_seconds: 3600,
+            },
             data_directory: data_dir,
             plc_url,
             jwt_secret: Some("test-secret-0123456789abcdef".into()),
@@ -332,10 +392,7 @@ impl Config {
             account: Some(AccountSeed {
                 handle: handle.into(),
                 password: Some(password.into()),
-                email: Some(format!(
-                    "{}@example.com",
-                    handle.split('.').next().unwrap_or("user")
-                )),
+                email: Some(format!("{}@example.com", handle.split('.').next().unwrap_or("user"))),
             }),
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
@@ -352,10 +409,7 @@ mod tests {
     use super::*;
 
     fn raw(host: &str) -> RawConfig {
-        RawConfig {
-            hostname: Some(host.into()),
-            ..RawConfig::default()
-        }
+        RawConfig { hostname: Some(host.into()), ..RawConfig::default() }
     }
 
     #[test]
@@ -376,10 +430,7 @@ mod tests {
         let c = raw("pds.example.com").validate().expect("valid");
         assert_eq!(c.port, 2583);
         assert_eq!(c.service_did, "did:web:pds.example.com");
-        assert_eq!(
-            c.service_handle_domains,
-            vec![".pds.example.com".to_string()]
-        );
+        assert_eq!(c.service_handle_domains, vec![".pds.example.com".to_string()]);
         assert_eq!(c.public_url(), "https://pds.example.com");
         assert_eq!(c.plc_url, "https://plc.directory");
     }
@@ -387,10 +438,7 @@ mod tests {
     #[test]
     fn env_overrides_toml_and_numeric_secrets_stay_text() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "roost.toml",
-                "hostname = \"from-toml.example.com\"\nport = 1000",
-            )?;
+            jail.create_file("roost.toml", "hostname = \"from-toml.example.com\"\nport = 1000")?;
             jail.set_env("PDS_PORT", "2000");
             jail.set_env("PDS_JWT_SECRET", "12345678901234567890");
             let c = RawConfig::load().expect("load").validate().expect("valid");

@@ -11,47 +11,21 @@ const MIN_INTERVAL: Duration = Duration::from_secs(5 * 60);
 const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
 
 /// Sends one `com.atproto.sync.requestCrawl` to `relay` for `hostname`.
-pub async fn request_crawl(
-    http: &reqwest::Client,
-    relay: &str,
-    hostname: &str,
-) -> anyhow::Result<()> {
-    let base = if relay.contains("://") {
-        relay.to_owned()
-    } else {
-        format!("https://{relay}")
-    };
-    let url = format!(
-        "{}/xrpc/com.atproto.sync.requestCrawl",
-        base.trim_end_matches('/')
-    );
-    let resp = http
-        .post(&url)
-        .json(&serde_json::json!({ "hostname": hostname }))
-        .send()
-        .await?;
+pub async fn request_crawl(http: &reqwest::Client, relay: &str, hostname: &str) -> anyhow::Result<()> {
+    let base = if relay.contains("://") { relay.to_owned() } else { format!("https://{relay}") };
+    let url = format!("{}/xrpc/com.atproto.sync.requestCrawl", base.trim_end_matches('/'));
+    let resp = http.post(&url).json(&serde_json::json!({ "hostname": hostname })).send().await?;
     let status = resp.status();
     if status.is_success() {
         Ok(())
     } else {
-        let body: String = resp
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(200)
-            .collect();
+        let body: String = resp.text().await.unwrap_or_default().chars().take(200).collect();
         anyhow::bail!("{url}: {status} {body}")
     }
 }
 
 /// Runs until the process ends; `activity` is notified after new events.
-pub async fn run(
-    http: reqwest::Client,
-    relays: Vec<String>,
-    hostname: String,
-    activity: Arc<Notify>,
-) {
+pub async fn run(http: reqwest::Client, relays: Vec<String>, hostname: String, activity: Arc<Notify>) {
     if relays.is_empty() {
         return;
     }

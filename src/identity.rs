@@ -36,8 +36,7 @@ pub fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 pub fn read_key_file(path: &Path) -> anyhow::Result<SigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     SigningKey::from_hex(text.trim()).with_context(|| format!("parsing key in {}", path.display()))
 }
 
@@ -58,8 +57,9 @@ impl KeyStore {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let rotation = match rotation_hex {
-            Some(hex) => SigningKey::from_hex(hex.trim())
-                .context("PDS_PLC_ROTATION_KEY_K256_PRIVATE_KEY_HEX")?,
+            Some(hex) => {
+                SigningKey::from_hex(hex.trim()).context("PDS_PLC_ROTATION_KEY_K256_PRIVATE_KEY_HEX")?
+            }
             None => {
                 let path = dir.join("plc-rotation.key");
                 if path.exists() {
@@ -71,11 +71,7 @@ impl KeyStore {
                 }
             }
         };
-        Ok(KeyStore {
-            dir,
-            rotation,
-            repo_keys: RwLock::new(HashMap::new()),
-        })
+        Ok(KeyStore { dir, rotation, repo_keys: RwLock::new(HashMap::new()) })
     }
 
     pub fn rotation_key(&self) -> &SigningKey {
@@ -89,28 +85,17 @@ impl KeyStore {
     /// Stores a new account's repo key under its DID.
     pub fn save_repo_key(&self, did: &str, key: &SigningKey) -> anyhow::Result<()> {
         write_secret_file(&self.repo_key_path(did), &key.to_hex())?;
-        self.repo_keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(did.to_owned(), key.clone());
+        self.repo_keys.write().unwrap_or_else(|p| p.into_inner()).insert(did.to_owned(), key.clone());
         Ok(())
     }
 
     /// The repo signing key of a local account (parsed once, then cached).
     pub fn repo_key(&self, did: &str) -> anyhow::Result<SigningKey> {
-        if let Some(k) = self
-            .repo_keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(did)
-        {
+        if let Some(k) = self.repo_keys.read().unwrap_or_else(|p| p.into_inner()).get(did) {
             return Ok(k.clone());
         }
         let key = read_key_file(&self.repo_key_path(did))?;
-        self.repo_keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(did.to_owned(), key.clone());
+        self.repo_keys.write().unwrap_or_else(|p| p.into_inner()).insert(did.to_owned(), key.clone());
         Ok(key)
     }
 }
@@ -143,10 +128,7 @@ pub fn genesis_op(
     let signed = encode_cbor(&json_to_ipld(&op)?)?;
     let hash = Sha256::digest(&signed);
     let b32 = base32_lower(&hash);
-    Ok(GenesisOp {
-        did: format!("did:plc:{}", &b32[..24]),
-        op,
-    })
+    Ok(GenesisOp { did: format!("did:plc:{}", &b32[..24]), op })
 }
 
 /// RFC 4648 base32, lowercase, no padding (the PLC DID alphabet).
@@ -196,13 +178,7 @@ impl PlcClient {
     /// same genesis (a resumed first start) counts as success.
     pub async fn submit(&self, did: &str, op: &Value) -> anyhow::Result<()> {
         let url = format!("{}/{}", self.base, did);
-        let resp = self
-            .http
-            .post(&url)
-            .json(op)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
+        let resp = self.http.post(&url).json(op).send().await.with_context(|| format!("POST {url}"))?;
         if resp.status().is_success() {
             return Ok(());
         }
@@ -219,11 +195,7 @@ impl PlcClient {
     }
 
     pub async fn has_did(&self, did: &str) -> anyhow::Result<bool> {
-        let resp = self
-            .http
-            .get(format!("{}/{}", self.base, did))
-            .send()
-            .await?;
+        let resp = self.http.get(format!("{}/{}", self.base, did)).send().await?;
         Ok(resp.status().is_success())
     }
 }
@@ -236,32 +208,15 @@ mod tests {
     fn genesis_did_is_derived_from_the_signed_op() {
         let rotation = SigningKey::generate();
         let repo = SigningKey::generate();
-        let g = genesis_op(
-            &rotation,
-            &repo.public_key(),
-            "alice.test",
-            "http://localhost:2583",
-        )
-        .expect("op");
-        assert!(
-            g.did.starts_with("did:plc:") && g.did.len() == 32,
-            "{}",
-            g.did
-        );
+        let g = genesis_op(&rotation, &repo.public_key(), "alice.test", "http://localhost:2583").expect("op");
+        assert!(g.did.starts_with("did:plc:") && g.did.len() == 32, "{}", g.did);
         // The signature verifies over the op without `sig`.
         let mut unsigned = g.op.clone();
-        let sig = unsigned
-            .as_object_mut()
-            .and_then(|o| o.remove("sig"))
-            .expect("sig");
-        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(sig.as_str().expect("str"))
-            .expect("b64");
+        let sig = unsigned.as_object_mut().and_then(|o| o.remove("sig")).expect("sig");
+        let sig =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig.as_str().expect("str")).expect("b64");
         let bytes = encode_cbor(&json_to_ipld(&unsigned).expect("ipld")).expect("cbor");
-        rotation
-            .public_key()
-            .verify(&bytes, &sig)
-            .expect("signature verifies");
+        rotation.public_key().verify(&bytes, &sig).expect("signature verifies");
     }
 
     #[test]

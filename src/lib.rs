@@ -3,6 +3,7 @@
 pub mod app;
 pub mod atp;
 pub mod auth;
+pub mod blobs;
 pub mod config;
 pub mod crawl;
 pub mod db;

@@ -20,6 +20,7 @@ use crate::atp::keys::SigningKey;
 use crate::atp::mst::{BlockSource, MstEditor, MstError, OpChange, covering_proof};
 use crate::atp::syntax::{Nsid, RecordKey, Tid, TidClock};
 use crate::db::Db;
+use crate::db::blobs::BlobLink;
 use crate::db::repo::{CommitPersistError, CommitWrite, RecordRow, RepoRoot};
 use crate::db::seq::append_event;
 use crate::sequencer::Sequencer;
@@ -38,6 +39,8 @@ pub enum RepoError {
     InvalidRequest(String),
     #[error("Could not find repo: {0}")]
     RepoNotFound(String),
+    #[error("Could not find blob: {0}")]
+    BlobNotFound(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -64,36 +67,15 @@ pub enum Swap {
 
 #[derive(Debug, Clone)]
 pub enum Write {
-    Create {
-        collection: Nsid,
-        rkey: RecordKey,
-        value: Ipld,
-    },
-    Update {
-        collection: Nsid,
-        rkey: RecordKey,
-        value: Ipld,
-        swap: Swap,
-    },
-    Delete {
-        collection: Nsid,
-        rkey: RecordKey,
-        swap: Swap,
-    },
+    Create { collection: Nsid, rkey: RecordKey, value: Ipld },
+    Update { collection: Nsid, rkey: RecordKey, value: Ipld, swap: Swap },
+    Delete { collection: Nsid, rkey: RecordKey, swap: Swap },
 }
 
 #[derive(Debug, Clone)]
 pub enum WriteResult {
-    Create {
-        collection: Nsid,
-        rkey: RecordKey,
-        cid: Cid,
-    },
-    Update {
-        collection: Nsid,
-        rkey: RecordKey,
-        cid: Cid,
-    },
+    Create { collection: Nsid, rkey: RecordKey, cid: Cid },
+    Update { collection: Nsid, rkey: RecordKey, cid: Cid },
     Delete,
 }
 
@@ -108,6 +90,8 @@ pub struct ApplyOutcome {
     /// None when every write was a no-op and no commit was made.
     pub commit: Option<CommitInfo>,
     pub results: Vec<WriteResult>,
+    /// Some blob lost its last reference (large-store objects await deletion).
+    pub released_blobs: bool,
 }
 
 /// A bounded, shared cache of blocks by CID. CIDs are content hashes, so an
@@ -144,11 +128,7 @@ impl BlockSource for DbBlocks<'_> {
         if let Some(hit) = self.cache.get(cid) {
             return Ok(Some(hit));
         }
-        let block = self
-            .db
-            .block(self.did, cid)
-            .await
-            .map_err(|e| MstError::Store(e.to_string()))?;
+        let block = self.db.block(self.did, cid).await.map_err(|e| MstError::Store(e.to_string()))?;
         if let Some(bytes) = &block {
             self.cache.put(*cid, bytes.clone());
         }
@@ -207,11 +187,7 @@ impl RepoService {
     }
 
     pub fn blocks<'a>(&'a self, did: &'a str) -> DbBlocks<'a> {
-        DbBlocks {
-            db: &self.db,
-            did,
-            cache: &self.cache,
-        }
+        DbBlocks { db: &self.db, did, cache: &self.cache }
     }
 
     fn lock_for(&self, did: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -242,16 +218,13 @@ impl RepoService {
         let lock = self.lock_for(did);
         let _guard = lock.lock().await;
         if self.db.repo_root(did).await?.is_some() {
-            return Err(RepoError::InvalidRequest(format!(
-                "repository {did} already exists"
-            )));
+            return Err(RepoError::InvalidRequest(format!("repository {did} already exists")));
         }
         let store = self.blocks(did);
         let editor = MstEditor::empty(&store)?;
         let diff = editor.finish();
         let rev = self.next_tid(None);
-        let signed =
-            commit::sign(did, rev.as_str(), diff.root, key).map_err(anyhow::Error::from)?;
+        let signed = commit::sign(did, rev.as_str(), diff.root, key).map_err(anyhow::Error::from)?;
         let sync_car = car_of(signed.cid, &[(signed.cid, &signed.bytes)]);
         let mut blocks = diff.new_blocks;
         blocks.push((signed.cid, signed.bytes));
@@ -263,11 +236,7 @@ impl RepoService {
             CommitWrite {
                 did,
                 previous_commit: None,
-                root: RepoRoot {
-                    commit_cid: signed.cid,
-                    data_cid: diff.root,
-                    rev: rev.to_string(),
-                },
+                root: RepoRoot { commit_cid: signed.cid, data_cid: diff.root, rev: rev.to_string() },
                 new_blocks: &blocks,
                 removed_blocks: &[],
                 upserts: &[],
@@ -294,10 +263,7 @@ impl RepoService {
         ];
         tx.commit().await?;
         self.sequencer.publish(frames);
-        Ok(CommitInfo {
-            cid: signed.cid,
-            rev: rev.to_string(),
-        })
+        Ok(CommitInfo { cid: signed.cid, rev: rev.to_string() })
     }
 
     /// Applies a batch of writes as one commit.
@@ -311,17 +277,10 @@ impl RepoService {
     ) -> Result<ApplyOutcome, RepoError> {
         let lock = self.lock_for(did);
         let _guard = lock.lock().await;
-        let root = self
-            .db
-            .repo_root(did)
-            .await?
-            .ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
+        let root = self.db.repo_root(did).await?.ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
         if let Some(expected) = swap_commit {
             if expected != root.commit_cid {
-                return Err(RepoError::InvalidSwap(format!(
-                    "Commit was at {}",
-                    root.commit_cid
-                )));
+                return Err(RepoError::InvalidSwap(format!("Commit was at {}", root.commit_cid)));
             }
         }
         let store = self.blocks(did);
@@ -332,6 +291,9 @@ impl RepoService {
         let mut released = Vec::new();
         let mut results = Vec::with_capacity(writes.len());
         let mut changed = false;
+        // Record↔blob links: records whose old links go, and new links.
+        let mut blob_cleared: Vec<(String, String)> = Vec::new();
+        let mut blob_added: Vec<(String, String, String)> = Vec::new();
         // Per key: value before this commit and after it, in first-touch order.
         let mut changes: Vec<(String, Option<Cid>, Option<Cid>)> = Vec::new();
         let mut note = |key: &str, before: Option<Cid>, after: Option<Cid>| match changes
@@ -344,38 +306,25 @@ impl RepoService {
 
         for write in writes {
             match write {
-                Write::Create {
-                    collection,
-                    rkey,
-                    value,
-                } => {
+                Write::Create { collection, rkey, value } => {
                     let key = format!("{collection}/{rkey}");
                     if editor.get(&key).await?.is_some() {
-                        return Err(RepoError::InvalidRequest(format!(
-                            "Record already exists: {key}"
-                        )));
+                        return Err(RepoError::InvalidRequest(format!("Record already exists: {key}")));
                     }
                     let (cid, bytes) = encode_record(&value)?;
                     editor.insert(&key, cid).await?;
+                    note(&key, None, Some(cid));
+                    self.check_blobs(did, &value, &collection, &rkey, &mut blob_added).await?;
                     record_blocks.push((cid, bytes));
                     upserts.push(RecordRow {
                         collection: collection.to_string(),
                         rkey: rkey.to_string(),
                         cid,
                     });
-                    results.push(WriteResult::Create {
-                        collection,
-                        rkey,
-                        cid,
-                    });
+                    results.push(WriteResult::Create { collection, rkey, cid });
                     changed = true;
                 }
-                Write::Update {
-                    collection,
-                    rkey,
-                    value,
-                    swap,
-                } => {
+                Write::Update { collection, rkey, value, swap } => {
                     let key = format!("{collection}/{rkey}");
                     let current = editor.get(&key).await?;
                     check_swap(&key, current, swap)?;
@@ -383,6 +332,10 @@ impl RepoService {
                     if current != Some(cid) {
                         editor.insert(&key, cid).await?;
                         note(&key, current, Some(cid));
+                        if current.is_some() {
+                            blob_cleared.push((collection.to_string(), rkey.to_string()));
+                        }
+                        self.check_blobs(did, &value, &collection, &rkey, &mut blob_added).await?;
                         record_blocks.push((cid, bytes));
                         upserts.push(RecordRow {
                             collection: collection.to_string(),
@@ -393,29 +346,19 @@ impl RepoService {
                         changed = true;
                     }
                     results.push(match current {
-                        Some(_) => WriteResult::Update {
-                            collection,
-                            rkey,
-                            cid,
-                        },
-                        None => WriteResult::Create {
-                            collection,
-                            rkey,
-                            cid,
-                        },
+                        Some(_) => WriteResult::Update { collection, rkey, cid },
+                        None => WriteResult::Create { collection, rkey, cid },
                     });
                 }
-                Write::Delete {
-                    collection,
-                    rkey,
-                    swap,
-                } => {
+                Write::Delete { collection, rkey, swap } => {
                     let key = format!("{collection}/{rkey}");
                     let current = editor.get(&key).await?;
                     check_swap(&key, current, swap)?;
                     if let Some(old) = current {
                         editor.delete(&key).await?;
                         note(&key, Some(old), None);
+                        blob_cleared.push((collection.to_string(), rkey.to_string()));
+                        blob_added.retain(|(c, r, _)| !(c == collection.as_str() && r == rkey.as_str()));
                         deletes.push((collection.to_string(), rkey.to_string()));
                         upserts.retain(|r: &RecordRow| {
                             !(r.collection == collection.as_str() && r.rkey == rkey.as_str())
@@ -428,16 +371,17 @@ impl RepoService {
             }
         }
         if !changed {
-            return Ok(ApplyOutcome {
-                commit: None,
-                results,
-            });
+            return Ok(ApplyOutcome { commit: None, results, released_blobs: false });
         }
 
         let diff = editor.finish();
+        if diff.root == root.data_cid {
+            // E.g. a record deleted and re-created identically in one batch:
+            // the tree is unchanged, so there is nothing to commit.
+            return Ok(ApplyOutcome { commit: None, results, released_blobs: false });
+        }
         let rev = self.next_tid(Some(&root.rev));
-        let signed =
-            commit::sign(did, rev.as_str(), diff.root, key).map_err(anyhow::Error::from)?;
+        let signed = commit::sign(did, rev.as_str(), diff.root, key).map_err(anyhow::Error::from)?;
         changes.retain(|(_, before, after)| before != after);
 
         // The firehose event: the commit, its new records, and the MST nodes
@@ -456,33 +400,18 @@ impl RepoService {
             })
             .collect();
         let overlay = Overlay {
-            top: diff
-                .new_blocks
-                .iter()
-                .map(|(c, b)| (*c, Arc::from(b.as_slice())))
-                .collect(),
+            top: diff.new_blocks.iter().map(|(c, b)| (*c, Arc::from(b.as_slice()))).collect(),
             base: self.blocks(did),
         };
         let op_changes: Vec<OpChange> = changes
             .iter()
-            .map(|(k, before, after)| OpChange {
-                key: k,
-                before: *before,
-                after: *after,
-            })
+            .map(|(k, before, after)| OpChange { key: k, before: *before, after: *after })
             .collect();
         let proof = covering_proof(&overlay, diff.root, &op_changes).await?;
         let mut event_blocks: Vec<(Cid, Arc<[u8]>)> = Vec::new();
         event_blocks.push((signed.cid, Arc::from(signed.bytes.as_slice())));
-        for cid in proof
-            .iter()
-            .chain(overlay.top.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let bytes = overlay
-                .get_block(cid)
-                .await?
-                .ok_or(MstError::MissingBlock(*cid))?;
+        for cid in proof.iter().chain(overlay.top.keys()).collect::<std::collections::BTreeSet<_>>() {
+            let bytes = overlay.get_block(cid).await?.ok_or(MstError::MissingBlock(*cid))?;
             event_blocks.push((*cid, bytes));
         }
         for (path, _, after) in &changes {
@@ -490,28 +419,20 @@ impl RepoService {
                 if let Some((_, bytes)) = record_blocks.iter().find(|(c, _)| c == cid) {
                     event_blocks.push((*cid, Arc::from(bytes.as_slice())));
                 } else {
-                    return Err(RepoError::Internal(anyhow::anyhow!(
-                        "record block for {path} missing"
-                    )));
+                    return Err(RepoError::Internal(anyhow::anyhow!("record block for {path} missing")));
                 }
             }
         }
-        let event_refs: Vec<(Cid, &[u8])> =
-            event_blocks.iter().map(|(c, b)| (*c, &b[..])).collect();
+        let event_refs: Vec<(Cid, &[u8])> = event_blocks.iter().map(|(c, b)| (*c, &b[..])).collect();
         let commit_car = car_of(signed.cid, &event_refs);
-        let too_big =
-            commit_car.len() > event::MAX_COMMIT_BLOCKS_BYTES || ops.len() > event::MAX_COMMIT_OPS;
+        let too_big = commit_car.len() > event::MAX_COMMIT_BLOCKS_BYTES || ops.len() > event::MAX_COMMIT_OPS;
 
         let mut new_blocks = diff.new_blocks;
         new_blocks.extend(record_blocks);
         new_blocks.push((signed.cid, signed.bytes.clone()));
         let mut removed = diff.removed;
         removed.push(root.commit_cid);
-        let new_root = RepoRoot {
-            commit_cid: signed.cid,
-            data_cid: diff.root,
-            rev: rev.to_string(),
-        };
+        let new_root = RepoRoot { commit_cid: signed.cid, data_cid: diff.root, rev: rev.to_string() };
         let time = now_datetime();
 
         let _seq_guard = self.sequencer.write_lock().await;
@@ -531,6 +452,12 @@ impl RepoService {
         )
         .await
         .map_err(persist_error)?;
+        // An update may re-link the blobs it had: links are cleared first.
+        let links: Vec<BlobLink> = blob_added
+            .iter()
+            .map(|(c, r, cid)| BlobLink { collection: c, rkey: r, cid: cid.clone() })
+            .collect();
+        crate::db::blobs::relink_in(&mut tx, did, rev.as_str(), &blob_cleared, &links).await?;
         let frame = if too_big {
             // Too large to ship as a diff: consumers re-sync from the commit.
             let car = car_of(signed.cid, &[(signed.cid, &signed.bytes)]);
@@ -549,19 +476,14 @@ impl RepoService {
                 ops: &ops,
                 time: &time,
             };
-            append_event(&mut tx, did, "commit", |seq| {
-                Ok(event::commit_frame(seq, &e)?)
-            })
-            .await?
+            append_event(&mut tx, did, "commit", |seq| Ok(event::commit_frame(seq, &e)?)).await?
         };
         tx.commit().await?;
         self.sequencer.publish(vec![frame]);
         Ok(ApplyOutcome {
-            commit: Some(CommitInfo {
-                cid: signed.cid,
-                rev: rev.to_string(),
-            }),
+            commit: Some(CommitInfo { cid: signed.cid, rev: rev.to_string() }),
             results,
+            released_blobs: !blob_cleared.is_empty(),
         })
     }
 
@@ -573,17 +495,11 @@ impl RepoService {
         collection: &str,
         rkey: &str,
     ) -> Result<(Cid, Vec<(Cid, Arc<[u8]>)>), RepoError> {
-        let root = self
-            .db
-            .repo_root(did)
-            .await?
-            .ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
+        let root = self.db.repo_root(did).await?.ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
         let store = self.blocks(did);
         let mut blocks = Vec::new();
-        let commit_bytes = store
-            .get_block(&root.commit_cid)
-            .await?
-            .ok_or(MstError::MissingBlock(root.commit_cid))?;
+        let commit_bytes =
+            store.get_block(&root.commit_cid).await?.ok_or(MstError::MissingBlock(root.commit_cid))?;
         blocks.push((root.commit_cid, commit_bytes));
         let mut editor = MstEditor::new(&store, root.data_cid);
         let key = format!("{collection}/{rkey}");
@@ -591,13 +507,43 @@ impl RepoService {
             blocks.push((cid, editor.node_bytes(cid).await?));
         }
         if let Some(record_cid) = editor.get(&key).await? {
-            let bytes = store
-                .get_block(&record_cid)
-                .await?
-                .ok_or(MstError::MissingBlock(record_cid))?;
+            let bytes = store.get_block(&record_cid).await?.ok_or(MstError::MissingBlock(record_cid))?;
             blocks.push((record_cid, bytes));
         }
         Ok((root.commit_cid, blocks))
+    }
+}
+
+impl RepoService {
+    /// Every blob a record references must have been uploaded to this
+    /// account, with the MIME type and size the record claims.
+    async fn check_blobs(
+        &self,
+        did: &str,
+        value: &Ipld,
+        collection: &Nsid,
+        rkey: &RecordKey,
+        links: &mut Vec<(String, String, String)>,
+    ) -> Result<(), RepoError> {
+        for r in crate::atp::data::blob_refs(value) {
+            let cid = r.cid.to_string();
+            let stored =
+                self.db.blob(did, &cid).await?.ok_or_else(|| RepoError::BlobNotFound(cid.clone()))?;
+            if stored.mime_type != r.mime_type {
+                return Err(RepoError::InvalidRequest(format!(
+                    "Referenced Mimetype does not match stored blob. Expected: {}, Got: {}",
+                    stored.mime_type, r.mime_type
+                )));
+            }
+            if u64::try_from(stored.size).ok() != Some(r.size) {
+                return Err(RepoError::InvalidRequest(format!(
+                    "Referenced size does not match stored blob. Expected: {}, Got: {}",
+                    stored.size, r.size
+                )));
+            }
+            links.push((collection.to_string(), rkey.to_string(), cid));
+        }
+        Ok(())
     }
 }
 
@@ -605,18 +551,13 @@ fn check_swap(key: &str, current: Option<Cid>, swap: Swap) -> Result<(), RepoErr
     match (swap, current) {
         (Swap::Any, _) | (Swap::MustNotExist, None) => Ok(()),
         (Swap::Is(want), Some(have)) if want == have => Ok(()),
-        (_, Some(have)) => Err(RepoError::InvalidSwap(format!(
-            "Record was at {have} ({key})"
-        ))),
-        (_, None) => Err(RepoError::InvalidSwap(format!(
-            "Record was not present ({key})"
-        ))),
+        (_, Some(have)) => Err(RepoError::InvalidSwap(format!("Record was at {have} ({key})"))),
+        (_, None) => Err(RepoError::InvalidSwap(format!("Record was not present ({key})"))),
     }
 }
 
 fn encode_record(value: &Ipld) -> Result<(Cid, Vec<u8>), RepoError> {
-    let bytes = encode_cbor(value)
-        .map_err(|e| RepoError::InvalidRequest(format!("Invalid record: {e}")))?;
+    let bytes = encode_cbor(value).map_err(|e| RepoError::InvalidRequest(format!("Invalid record: {e}")))?;
     if bytes.len() > MAX_RECORD_BYTES {
         return Err(RepoError::InvalidRequest(format!(
             "Record is {} bytes; the limit is {MAX_RECORD_BYTES}",
@@ -630,9 +571,7 @@ fn persist_error(e: CommitPersistError) -> RepoError {
     match e {
         // The per-DID lock makes this unreachable in one process; a second
         // process on the same file would land here instead of forking history.
-        CommitPersistError::Conflict => {
-            RepoError::InvalidSwap("Repository changed concurrently".into())
-        }
+        CommitPersistError::Conflict => RepoError::InvalidSwap("Repository changed concurrently".into()),
         CommitPersistError::Db(e) => e.into(),
     }
 }

@@ -59,10 +59,7 @@ impl Sequencer {
     pub fn publish(&self, frames: Vec<(i64, Vec<u8>)>) {
         for (seq, frame) in frames {
             // No receivers is fine: the log has it.
-            let _ = self.live.send(SeqFrame {
-                seq,
-                frame: Bytes::from(frame),
-            });
+            let _ = self.live.send(SeqFrame { seq, frame: Bytes::from(frame) });
         }
         self.activity.notify_waiters();
     }
@@ -80,9 +77,7 @@ impl Sequencer {
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<SubscriberSlot> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let count = per_ip.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip
-            || self.subscribers.load(Ordering::SeqCst) >= self.max_subscribers
-        {
+        if *count >= self.max_per_ip || self.subscribers.load(Ordering::SeqCst) >= self.max_subscribers {
             if *count == 0 {
                 per_ip.remove(&ip);
             }

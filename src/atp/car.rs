@@ -92,10 +92,7 @@ pub enum CarError {
     #[error("block {cid} cannot be verified: {reason}")]
     UnverifiableCid { cid: Box<Cid>, reason: &'static str },
     #[error("block bytes hash to {actual}, not to their CID {expected}")]
-    CidMismatch {
-        expected: Box<Cid>,
-        actual: Box<Cid>,
-    },
+    CidMismatch { expected: Box<Cid>, actual: Box<Cid> },
     #[error("CAR ends with {remaining} bytes of an incomplete section")]
     Truncated { remaining: usize },
     #[error("CAR ended before its header")]
@@ -228,12 +225,7 @@ impl<W: Write> CarWriter<W> {
 /// [`CarError::UnverifiableCid`] for a CID that is not CIDv1 / sha2-256 /
 /// dag-cbor or raw, [`CarError::CidMismatch`] when the hash differs.
 pub fn verify_block(cid: &Cid, data: &[u8]) -> Result<(), CarError> {
-    let unverifiable = |reason| {
-        Err(CarError::UnverifiableCid {
-            cid: Box::new(*cid),
-            reason,
-        })
-    };
+    let unverifiable = |reason| Err(CarError::UnverifiableCid { cid: Box::new(*cid), reason });
     if cid.version() != Version::V1 {
         return unverifiable("not a CIDv1");
     }
@@ -246,10 +238,7 @@ pub fn verify_block(cid: &Cid, data: &[u8]) -> Result<(), CarError> {
         _ => return unverifiable("codec is neither dag-cbor nor raw"),
     };
     if actual != *cid {
-        return Err(CarError::CidMismatch {
-            expected: Box::new(*cid),
-            actual: Box::new(actual),
-        });
+        return Err(CarError::CidMismatch { expected: Box::new(*cid), actual: Box::new(actual) });
     }
     Ok(())
 }
@@ -275,11 +264,7 @@ fn read_varint(bytes: &[u8]) -> Varint {
             return Varint::Value(value, i + 1);
         }
     }
-    if bytes.len() >= MAX_VARINT_LEN {
-        Varint::Invalid("longer than 9 bytes")
-    } else {
-        Varint::Incomplete
-    }
+    if bytes.len() >= MAX_VARINT_LEN { Varint::Invalid("longer than 9 bytes") } else { Varint::Incomplete }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,13 +311,7 @@ impl CarDecoder {
     }
 
     pub fn with_options(opts: CarOptions) -> Self {
-        Self {
-            opts,
-            buf: Vec::new(),
-            pos: 0,
-            offset: 0,
-            state: State::Header,
-        }
+        Self { opts, buf: Vec::new(), pos: 0, offset: 0, state: State::Header }
     }
 
     /// Appends input.
@@ -363,12 +342,10 @@ impl CarDecoder {
             State::Blocks => return Err(CarError::Misuse("the header was already read")),
             State::Failed => return Err(CarError::Failed),
         }
-        let result = self
-            .take_frame(Frame::Header)
-            .and_then(|frame| match frame {
-                None => Ok(None),
-                Some((_, range)) => parse_header(&self.buf[range]).map(Some),
-            });
+        let result = self.take_frame(Frame::Header).and_then(|frame| match frame {
+            None => Ok(None),
+            Some((_, range)) => parse_header(&self.buf[range]).map(Some),
+        });
         match result {
             Ok(Some(header)) => {
                 self.state = State::Blocks;
@@ -429,10 +406,7 @@ impl CarDecoder {
             Varint::Value(len, n) => (len, n),
             Varint::Incomplete => return Ok(None),
             Varint::Invalid(reason) => {
-                return Err(CarError::Varint {
-                    offset: self.offset,
-                    reason,
-                });
+                return Err(CarError::Varint { offset: self.offset, reason });
             }
         };
         let max = match kind {
@@ -442,11 +416,9 @@ impl CarDecoder {
         if len > max as u64 {
             return Err(match kind {
                 Frame::Header => CarError::HeaderTooLarge { len, max },
-                Frame::Block => CarError::BlockTooLarge {
-                    offset: self.offset,
-                    len,
-                    max: self.opts.max_block_size,
-                },
+                Frame::Block => {
+                    CarError::BlockTooLarge { offset: self.offset, len, max: self.opts.max_block_size }
+                }
             });
         }
         let len = len as usize; // ≤ max, a usize
@@ -466,10 +438,8 @@ impl CarDecoder {
             return Err(CarError::EmptySection { offset });
         }
         let mut rest = section;
-        let cid = Cid::read_bytes(&mut rest).map_err(|e| CarError::InvalidCid {
-            offset,
-            reason: e.to_string(),
-        })?;
+        let cid =
+            Cid::read_bytes(&mut rest).map_err(|e| CarError::InvalidCid { offset, reason: e.to_string() })?;
         if rest.len() > self.opts.max_block_size {
             return Err(CarError::BlockTooLarge {
                 offset,
@@ -538,12 +508,8 @@ impl<R: Read> CarReader<R> {
     /// # Errors
     /// As [`new`](Self::new).
     pub fn with_options(inner: R, opts: CarOptions) -> Result<(Self, CarHeader), CarError> {
-        let mut this = Self {
-            inner,
-            decoder: CarDecoder::with_options(opts),
-            chunk: vec![0; READ_CHUNK],
-            done: false,
-        };
+        let mut this =
+            Self { inner, decoder: CarDecoder::with_options(opts), chunk: vec![0; READ_CHUNK], done: false };
         loop {
             if let Some(header) = this.decoder.next_header()? {
                 return Ok((this, header));
@@ -621,9 +587,7 @@ mod tests {
     }
 
     fn b64(s: &str) -> Vec<u8> {
-        base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(s)
-            .expect("fixture base64")
+        base64::engine::general_purpose::STANDARD_NO_PAD.decode(s).expect("fixture base64")
     }
 
     fn cid(s: &str) -> Cid {
@@ -631,11 +595,9 @@ mod tests {
     }
 
     fn fixtures() -> (PathBuf, Vec<Fixture>) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared")
-            .join(FIXTURE);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(FIXTURE);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let v: serde_json::Value = serde_json::from_str(&text).expect("fixture JSON");
         let cases = v
             .as_array()
@@ -647,12 +609,7 @@ mod tests {
                     .as_array()
                     .expect("blocks")
                     .iter()
-                    .map(|b| {
-                        (
-                            cid(b["cid"].as_str().expect("cid")),
-                            b64(b["bytes"].as_str().expect("bytes")),
-                        )
-                    })
+                    .map(|b| (cid(b["cid"].as_str().expect("cid")), b64(b["bytes"].as_str().expect("bytes"))))
                     .collect(),
                 car: b64(c["car"].as_str().expect("car")),
             })
@@ -661,11 +618,7 @@ mod tests {
     }
 
     fn report(path: &Path, total: usize, failures: &[String]) {
-        assert!(
-            total > 0,
-            "{}: found {total} cases, expected some",
-            path.display()
-        );
+        assert!(total > 0, "{}: found {total} cases, expected some", path.display());
         eprintln!("{}: {total} cases", path.display());
         assert!(
             failures.is_empty(),
@@ -721,9 +674,7 @@ mod tests {
                 joined.extend(encode_block(c, data));
             }
             if joined != f.car {
-                failures.push(format!(
-                    "case {i}: encode_header/encode_block output differs"
-                ));
+                failures.push(format!("case {i}: encode_header/encode_block output differs"));
             }
         }
         report(&path, cases.len(), &failures);
@@ -741,12 +692,7 @@ mod tests {
             match result {
                 Err(e) => failures.push(format!("case {i}: {e}")),
                 Ok((header, blocks)) => {
-                    if header
-                        != (CarHeader {
-                            roots: vec![f.root],
-                            version: 1,
-                        })
-                    {
+                    if header != (CarHeader { roots: vec![f.root], version: 1 }) {
                         failures.push(format!("case {i}: header {header:?}"));
                     }
                     if blocks != f.blocks {
@@ -793,10 +739,7 @@ mod tests {
         }
         let (reader, header) = CarReader::new(Trickle(&f.car)).expect("header");
         assert_eq!(header.roots, vec![f.root]);
-        assert_eq!(
-            reader.collect::<Result<Vec<_>, _>>().expect("blocks"),
-            f.blocks
-        );
+        assert_eq!(reader.collect::<Result<Vec<_>, _>>().expect("blocks"), f.blocks);
     }
 
     #[test]
@@ -815,13 +758,10 @@ mod tests {
             match (&result, at_boundary) {
                 (Ok(_), true) => {}
                 (Err(CarError::Truncated { .. } | CarError::MissingHeader), false) => {}
-                _ => failures.push(format!(
-                    "prefix {len} (boundary: {at_boundary}): {result:?}"
-                )),
+                _ => failures.push(format!("prefix {len} (boundary: {at_boundary}): {result:?}")),
             }
             // Same through the blocking reader.
-            let read =
-                CarReader::new(&f.car[..len]).and_then(|(r, _)| r.collect::<Result<Vec<_>, _>>());
+            let read = CarReader::new(&f.car[..len]).and_then(|(r, _)| r.collect::<Result<Vec<_>, _>>());
             if read.is_ok() != at_boundary {
                 failures.push(format!("reader, prefix {len}: {read:?}"));
             }
@@ -845,15 +785,8 @@ mod tests {
         let mut dec = CarDecoder::new();
         dec.push(&car);
         assert!(dec.next_header().expect("header").is_some());
-        assert!(matches!(
-            dec.next_block(),
-            Err(CarError::BlockTooLarge { .. })
-        ));
-        assert!(
-            dec.buf.capacity() < 4096,
-            "buffered {} bytes",
-            dec.buf.capacity()
-        );
+        assert!(matches!(dec.next_block(), Err(CarError::BlockTooLarge { .. })));
+        assert!(dec.buf.capacity() < 4096, "buffered {} bytes", dec.buf.capacity());
         assert!(matches!(dec.next_block(), Err(CarError::Failed)));
 
         // A claimed 1 TiB section.
@@ -865,16 +798,10 @@ mod tests {
         ));
 
         // Data over the limit while the whole section is within limit + CID.
-        let opts = CarOptions {
-            max_block_size: 10,
-            ..CarOptions::default()
-        };
+        let opts = CarOptions { max_block_size: 10, ..CarOptions::default() };
         let mut car = encode_header(&[root]);
         car.extend(encode_block(&data::cid_for_raw(&[0; 11]), &[0; 11]));
-        assert!(matches!(
-            decode_chunks([&car[..]], opts),
-            Err(CarError::BlockTooLarge { len: 11, .. })
-        ));
+        assert!(matches!(decode_chunks([&car[..]], opts), Err(CarError::BlockTooLarge { len: 11, .. })));
         let mut car = encode_header(&[root]);
         car.extend(encode_block(&data::cid_for_raw(&[0; 10]), &[0; 10]));
         assert!(decode_chunks([&car[..]], opts).is_ok());
@@ -899,43 +826,25 @@ mod tests {
             out.extend_from_slice(cbor);
             out
         };
-        let carv2_pragma = [
-            0x0a, 0xa1, 0x67, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x02,
-        ];
+        let carv2_pragma = [0x0a, 0xa1, 0x67, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x02];
         let dag_pb = Cid::new_v1(0x70, *data::cid_for_raw(b"x").hash());
         type Check = fn(&CarError) -> bool;
         let cases: Vec<(&str, Vec<u8>, Check)> = vec![
-            ("empty input", vec![], |e| {
-                matches!(e, CarError::MissingHeader)
-            }),
-            ("CARv2 pragma", carv2_pragma.to_vec(), |e| {
-                matches!(e, CarError::UnsupportedVersion(2))
-            }),
-            ("header not a map", framed(&[0x01]), |e| {
-                matches!(e, CarError::InvalidHeader(_))
-            }),
+            ("empty input", vec![], |e| matches!(e, CarError::MissingHeader)),
+            ("CARv2 pragma", carv2_pragma.to_vec(), |e| matches!(e, CarError::UnsupportedVersion(2))),
+            ("header not a map", framed(&[0x01]), |e| matches!(e, CarError::InvalidHeader(_))),
             (
                 "header without roots",
                 framed(&[0xa1, 0x67, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x01]),
                 |e| matches!(e, CarError::InvalidHeader(_)),
             ),
-            ("empty header", framed(&[]), |e| {
-                matches!(e, CarError::InvalidHeader(_))
+            ("empty header", framed(&[]), |e| matches!(e, CarError::InvalidHeader(_))),
+            ("non-minimal varint", vec![0x80, 0x00], |e| matches!(e, CarError::Varint { .. })),
+            ("overlong varint", vec![0xff; 10], |e| matches!(e, CarError::Varint { .. })),
+            ("empty section", with(&[0x00]), |e| matches!(e, CarError::EmptySection { .. })),
+            ("section shorter than its CID", with(&[0x03, 0x01, 0x71, 0x12]), |e| {
+                matches!(e, CarError::InvalidCid { .. })
             }),
-            ("non-minimal varint", vec![0x80, 0x00], |e| {
-                matches!(e, CarError::Varint { .. })
-            }),
-            ("overlong varint", vec![0xff; 10], |e| {
-                matches!(e, CarError::Varint { .. })
-            }),
-            ("empty section", with(&[0x00]), |e| {
-                matches!(e, CarError::EmptySection { .. })
-            }),
-            (
-                "section shorter than its CID",
-                with(&[0x03, 0x01, 0x71, 0x12]),
-                |e| matches!(e, CarError::InvalidCid { .. }),
-            ),
             (
                 "tampered block",
                 {
@@ -946,19 +855,14 @@ mod tests {
                 },
                 |e| matches!(e, CarError::CidMismatch { .. }),
             ),
-            (
-                "dag-pb block with verify on",
-                with(&encode_block(&dag_pb, b"x")),
-                |e| matches!(e, CarError::UnverifiableCid { .. }),
-            ),
+            ("dag-pb block with verify on", with(&encode_block(&dag_pb, b"x")), |e| {
+                matches!(e, CarError::UnverifiableCid { .. })
+            }),
         ];
         let mut failures = Vec::new();
         for (name, bytes, want) in &cases {
             for (how, result) in [
-                (
-                    "decoder",
-                    decode_chunks([&bytes[..]], CarOptions::default()).map(|_| ()),
-                ),
+                ("decoder", decode_chunks([&bytes[..]], CarOptions::default()).map(|_| ())),
                 (
                     "reader",
                     CarReader::new(&bytes[..])
@@ -981,15 +885,10 @@ mod tests {
         );
 
         // Without verification the tampered and dag-pb blocks pass through.
-        let no_verify = CarOptions {
-            verify: false,
-            ..CarOptions::default()
-        };
+        let no_verify = CarOptions { verify: false, ..CarOptions::default() };
         let block = with(&encode_block(&dag_pb, b"x"));
         assert_eq!(
-            decode_chunks([&block[..]], no_verify)
-                .expect("unverified")
-                .1,
+            decode_chunks([&block[..]], no_verify).expect("unverified").1,
             vec![(dag_pb, b"x".to_vec())]
         );
     }
@@ -1001,10 +900,7 @@ mod tests {
             let ipld = Ipld::Map(
                 [
                     ("version".to_owned(), Ipld::Integer(1)),
-                    (
-                        "roots".to_owned(),
-                        Ipld::List(roots[..n].iter().map(|c| Ipld::Link(*c)).collect()),
-                    ),
+                    ("roots".to_owned(), Ipld::List(roots[..n].iter().map(|c| Ipld::Link(*c)).collect())),
                 ]
                 .into(),
             );
@@ -1013,15 +909,8 @@ mod tests {
             put_varint(&mut want, cbor.len() as u64);
             want.extend(cbor);
             assert_eq!(encode_header(&roots[..n]), want, "{n} roots");
-            let (header, blocks) =
-                decode_chunks([&want[..]], CarOptions::default()).expect("decode");
-            assert_eq!(
-                header,
-                CarHeader {
-                    roots: roots[..n].to_vec(),
-                    version: 1
-                }
-            );
+            let (header, blocks) = decode_chunks([&want[..]], CarOptions::default()).expect("decode");
+            assert_eq!(header, CarHeader { roots: roots[..n].to_vec(), version: 1 });
             assert!(blocks.is_empty());
         }
     }
@@ -1036,27 +925,11 @@ mod tests {
         assert!(header.roots.is_empty());
         assert_eq!(blocks, vec![(empty, Vec::new())]);
 
-        for n in [
-            0u64,
-            1,
-            127,
-            128,
-            300,
-            16_383,
-            16_384,
-            u32::MAX.into(),
-            (1 << 63) - 1,
-        ] {
+        for n in [0u64, 1, 127, 128, 300, 16_383, 16_384, u32::MAX.into(), (1 << 63) - 1] {
             let mut buf = Vec::new();
             put_varint(&mut buf, n);
-            assert!(
-                matches!(read_varint(&buf), Varint::Value(v, len) if v == n && len == buf.len()),
-                "{n}"
-            );
-            assert!(
-                matches!(read_varint(&buf[..buf.len() - 1]), Varint::Incomplete),
-                "{n}"
-            );
+            assert!(matches!(read_varint(&buf), Varint::Value(v, len) if v == n && len == buf.len()), "{n}");
+            assert!(matches!(read_varint(&buf[..buf.len() - 1]), Varint::Incomplete), "{n}");
         }
     }
 

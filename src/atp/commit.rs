@@ -55,44 +55,22 @@ pub struct SignedCommit {
 }
 
 fn unsigned_bytes(did: &str, rev: &str, data: Cid) -> Result<Vec<u8>, CommitError> {
-    encode_cbor_serde(&UnsignedWire {
-        did,
-        rev,
-        data,
-        prev: None,
-        version: REPO_VERSION,
-    })
-    .map_err(|e| CommitError::Encode(e.to_string()))
+    encode_cbor_serde(&UnsignedWire { did, rev, data, prev: None, version: REPO_VERSION })
+        .map_err(|e| CommitError::Encode(e.to_string()))
 }
 
 /// Builds and signs a version 3 commit.
-pub fn sign(
-    did: &str,
-    rev: &str,
-    data: Cid,
-    key: &SigningKey,
-) -> Result<SignedCommit, CommitError> {
+pub fn sign(did: &str, rev: &str, data: Cid, key: &SigningKey) -> Result<SignedCommit, CommitError> {
     let sig = key.sign(&unsigned_bytes(did, rev, data)?).to_vec();
-    let commit = Commit {
-        did: did.to_owned(),
-        rev: rev.to_owned(),
-        sig,
-        data,
-        prev: None,
-        version: REPO_VERSION,
-    };
+    let commit =
+        Commit { did: did.to_owned(), rev: rev.to_owned(), sig, data, prev: None, version: REPO_VERSION };
     let bytes = encode_cbor_serde(&commit).map_err(|e| CommitError::Encode(e.to_string()))?;
-    Ok(SignedCommit {
-        cid: cid_for_cbor(&bytes),
-        bytes,
-        commit,
-    })
+    Ok(SignedCommit { cid: cid_for_cbor(&bytes), bytes, commit })
 }
 
 /// Decodes a commit block without checking its signature.
 pub fn decode(bytes: &[u8]) -> Result<Commit, CommitError> {
-    let commit: Commit =
-        decode_cbor_serde(bytes).map_err(|e| CommitError::Decode(e.to_string()))?;
+    let commit: Commit = decode_cbor_serde(bytes).map_err(|e| CommitError::Decode(e.to_string()))?;
     if commit.version != REPO_VERSION {
         return Err(CommitError::Version(commit.version));
     }
@@ -103,14 +81,10 @@ pub fn decode(bytes: &[u8]) -> Result<Commit, CommitError> {
 pub fn verify(bytes: &[u8], did: &str, key: &PublicKey) -> Result<Commit, CommitError> {
     let commit = decode(bytes)?;
     if commit.did != did {
-        return Err(CommitError::WrongDid {
-            expected: did.to_owned(),
-            found: commit.did,
-        });
+        return Err(CommitError::WrongDid { expected: did.to_owned(), found: commit.did });
     }
     let unsigned = unsigned_bytes(&commit.did, &commit.rev, commit.data)?;
-    key.verify(&unsigned, &commit.sig)
-        .map_err(|_| CommitError::BadSignature)?;
+    key.verify(&unsigned, &commit.sig).map_err(|_| CommitError::BadSignature)?;
     Ok(commit)
 }
 

@@ -93,8 +93,11 @@ pub struct BlobRef {
 // CIDs
 
 fn sha256_multihash(bytes: &[u8]) -> Multihash<64> {
-    let digest = Sha256::digest(bytes);
-    match Multihash::<64>::wrap(SHA2_256, &digest) {
+    digest_multihash(&Sha256::digest(bytes).into())
+}
+
+fn digest_multihash(digest: &[u8; 32]) -> Multihash<64> {
+    match Multihash::<64>::wrap(SHA2_256, digest) {
         Ok(mh) => mh,
         // `wrap` only fails for digests longer than 64 bytes; sha2-256 gives 32.
         Err(_) => unreachable!("a 32-byte digest always fits a Multihash<64>"),
@@ -109,6 +112,11 @@ pub fn cid_for_cbor(bytes: &[u8]) -> Cid {
 /// CIDv1, raw, sha2-256 of blob bytes.
 pub fn cid_for_raw(bytes: &[u8]) -> Cid {
     Cid::new_v1(RAW, sha256_multihash(bytes))
+}
+
+/// CIDv1, raw, from a SHA-256 digest computed elsewhere (streamed uploads).
+pub fn cid_for_raw_digest(digest: &[u8; 32]) -> Cid {
+    Cid::new_v1(RAW, digest_multihash(digest))
 }
 
 /// Parses a CID from its string form, accepting only CIDv1 in canonical
@@ -171,9 +179,7 @@ pub fn validate(v: &Ipld) -> Result<(), DataError> {
 fn validate_at<'a>(v: &'a Ipld, path: &mut Vec<Seg<'a>>) -> Result<(), DataError> {
     match v {
         Ipld::Null | Ipld::Bool(_) | Ipld::String(_) | Ipld::Bytes(_) => Ok(()),
-        Ipld::Float(_) => Err(DataError::Float {
-            path: path_str(path),
-        }),
+        Ipld::Float(_) => Err(DataError::Float { path: path_str(path) }),
         Ipld::Integer(i) => check_integer(*i, path),
         Ipld::Link(cid) => check_link(cid, path),
         Ipld::List(items) => {
@@ -189,10 +195,7 @@ fn validate_at<'a>(v: &'a Ipld, path: &mut Vec<Seg<'a>>) -> Result<(), DataError
             check_depth(path)?;
             for key in map.keys() {
                 if key == "$link" || key == "$bytes" {
-                    return Err(DataError::ReservedKey {
-                        path: path_str(path),
-                        key: key.clone(),
-                    });
+                    return Err(DataError::ReservedKey { path: path_str(path), key: key.clone() });
                 }
             }
             check_map(map, path)?;
@@ -208,10 +211,7 @@ fn validate_at<'a>(v: &'a Ipld, path: &mut Vec<Seg<'a>>) -> Result<(), DataError
 
 fn check_integer(i: i128, path: &[Seg<'_>]) -> Result<(), DataError> {
     if i64::try_from(i).is_err() {
-        return Err(DataError::IntegerOutOfRange {
-            path: path_str(path),
-            value: i.to_string(),
-        });
+        return Err(DataError::IntegerOutOfRange { path: path_str(path), value: i.to_string() });
     }
     Ok(())
 }
@@ -229,9 +229,7 @@ fn check_link(cid: &Cid, path: &[Seg<'_>]) -> Result<(), DataError> {
 /// Called before descending into a container's children.
 fn check_depth(path: &[Seg<'_>]) -> Result<(), DataError> {
     if path.len() >= MAX_DEPTH {
-        return Err(DataError::TooDeep {
-            path: path_str(path),
-        });
+        return Err(DataError::TooDeep { path: path_str(path) });
     }
     Ok(())
 }
@@ -245,19 +243,12 @@ fn check_map(map: &BTreeMap<String, Ipld>, path: &[Seg<'_>]) -> Result<(), DataE
         None => Ok(()),
         Some(Ipld::String(t)) if t == "blob" => check_blob(map, path),
         Some(Ipld::String(t)) if !t.is_empty() => Ok(()),
-        Some(_) => Err(DataError::InvalidType {
-            path: path_str(path),
-        }),
+        Some(_) => Err(DataError::InvalidType { path: path_str(path) }),
     }
 }
 
 fn check_blob(map: &BTreeMap<String, Ipld>, path: &[Seg<'_>]) -> Result<(), DataError> {
-    let fail = |reason| {
-        Err(DataError::InvalidBlob {
-            path: path_str(path),
-            reason,
-        })
-    };
+    let fail = |reason| Err(DataError::InvalidBlob { path: path_str(path), reason });
     if !matches!(map.get("ref"), Some(Ipld::Link(_))) {
         return fail("ref must be a link");
     }
@@ -297,10 +288,7 @@ fn json_at<'a>(v: &'a Value, path: &mut Vec<Seg<'a>>) -> Result<Ipld, DataError>
             if let Some(i) = n.as_i64() {
                 Ipld::Integer(i.into())
             } else if let Some(u) = n.as_u64() {
-                return Err(DataError::IntegerOutOfRange {
-                    path: path_str(path),
-                    value: u.to_string(),
-                });
+                return Err(DataError::IntegerOutOfRange { path: path_str(path), value: u.to_string() });
             } else {
                 // An integer written with a fraction or exponent (`123.0`,
                 // `1e3`) is still an integer: JavaScript cannot tell them
@@ -309,9 +297,7 @@ fn json_at<'a>(v: &'a Value, path: &mut Vec<Seg<'a>>) -> Result<Ipld, DataError>
                 if f.fract() == 0.0 && f.abs() <= MAX_SAFE_FLOAT_INT {
                     Ipld::Integer((f as i64).into())
                 } else {
-                    return Err(DataError::Float {
-                        path: path_str(path),
-                    });
+                    return Err(DataError::Float { path: path_str(path) });
                 }
             }
         }
@@ -327,33 +313,21 @@ fn json_at<'a>(v: &'a Value, path: &mut Vec<Seg<'a>>) -> Result<Ipld, DataError>
         }
         Value::Object(obj) => {
             if let Some(link) = obj.get("$link") {
-                let fail = |reason: &str| DataError::InvalidLink {
-                    path: path_str(path),
-                    reason: reason.to_owned(),
-                };
+                let fail =
+                    |reason: &str| DataError::InvalidLink { path: path_str(path), reason: reason.to_owned() };
                 if obj.len() != 1 {
                     return Err(fail("a $link object must have no other keys"));
                 }
-                let s = link
-                    .as_str()
-                    .ok_or_else(|| fail("$link must be a string"))?;
+                let s = link.as_str().ok_or_else(|| fail("$link must be a string"))?;
                 return parse_cid(s).map(Ipld::Link).map_err(|r| fail(&r));
             }
             if let Some(bytes) = obj.get("$bytes") {
-                let fail = |reason: String| DataError::InvalidBytes {
-                    path: path_str(path),
-                    reason,
-                };
+                let fail = |reason: String| DataError::InvalidBytes { path: path_str(path), reason };
                 if obj.len() != 1 {
                     return Err(fail("a $bytes object must have no other keys".into()));
                 }
-                let s = bytes
-                    .as_str()
-                    .ok_or_else(|| fail("$bytes must be a string".into()))?;
-                return BASE64_IN
-                    .decode(s)
-                    .map(Ipld::Bytes)
-                    .map_err(|e| fail(format!("not base64: {e}")));
+                let s = bytes.as_str().ok_or_else(|| fail("$bytes must be a string".into()))?;
+                return BASE64_IN.decode(s).map(Ipld::Bytes).map_err(|e| fail(format!("not base64: {e}")));
             }
             check_depth(path)?;
             let mut map = BTreeMap::new();
@@ -387,11 +361,7 @@ pub fn ipld_to_json(v: &Ipld) -> Value {
         Ipld::Bytes(b) => single("$bytes", Value::String(STANDARD_NO_PAD.encode(b))),
         Ipld::Link(cid) => single("$link", Value::String(cid.to_string())),
         Ipld::List(items) => Value::Array(items.iter().map(ipld_to_json).collect()),
-        Ipld::Map(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), ipld_to_json(v)))
-                .collect(),
-        ),
+        Ipld::Map(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), ipld_to_json(v))).collect()),
     }
 }
 
@@ -417,9 +387,7 @@ pub fn record_from_json(v: &Value) -> Result<Ipld, DataError> {
         Ipld::Map(map) if map.contains_key("$type") => Ok(ipld),
         // `{"$link": ..}` / `{"$bytes": ..}` at the top convert to non-maps.
         Ipld::Map(_) => Err(DataError::NotARecord("missing $type")),
-        _ => Err(DataError::NotARecord(
-            "the top level must be a map, not a link or bytes",
-        )),
+        _ => Err(DataError::NotARecord("the top level must be a map, not a link or bytes")),
     }
 }
 
@@ -452,8 +420,7 @@ pub fn encode_cbor(v: &Ipld) -> Result<Vec<u8>, DataError> {
 /// # Errors
 /// Malformed or non-canonical CBOR, or a data-model violation.
 pub fn decode_cbor_strict(bytes: &[u8]) -> Result<Ipld, DataError> {
-    let v: Ipld =
-        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| DataError::Cbor(e.to_string()))?;
+    let v: Ipld = serde_ipld_dagcbor::from_slice(bytes).map_err(|e| DataError::Cbor(e.to_string()))?;
     validate(&v)?;
     let canonical = serde_ipld_dagcbor::to_vec(&v).map_err(|e| DataError::Encode(e.to_string()))?;
     if canonical != bytes {
@@ -514,22 +481,15 @@ pub fn blob_refs(v: &Ipld) -> Vec<BlobRef> {
 }
 
 fn as_blob(map: &BTreeMap<String, Ipld>) -> Option<BlobRef> {
-    match (
-        map.get("$type"),
-        map.get("ref"),
-        map.get("mimeType"),
-        map.get("size"),
-    ) {
+    match (map.get("$type"), map.get("ref"), map.get("mimeType"), map.get("size")) {
         (
             Some(Ipld::String(t)),
             Some(Ipld::Link(cid)),
             Some(Ipld::String(mime)),
             Some(Ipld::Integer(size)),
-        ) if t == "blob" && !mime.is_empty() => Some(BlobRef {
-            cid: *cid,
-            mime_type: mime.clone(),
-            size: u64::try_from(*size).ok()?,
-        }),
+        ) if t == "blob" && !mime.is_empty() => {
+            Some(BlobRef { cid: *cid, mime_type: mime.clone(), size: u64::try_from(*size).ok()? })
+        }
         _ => None,
     }
 }
@@ -540,13 +500,10 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn fixture(rel: &str) -> (PathBuf, Value) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared")
-            .join(rel);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
         (path, v)
     }
 
@@ -559,11 +516,7 @@ mod tests {
     }
 
     fn report(name: &Path, total: usize, failures: &[String]) {
-        assert!(
-            total > 0,
-            "{}: found {total} cases, expected some",
-            name.display()
-        );
+        assert!(total > 0, "{}: found {total} cases, expected some", name.display());
         eprintln!("{}: {total} cases", name.display());
         assert!(
             failures.is_empty(),
@@ -595,10 +548,7 @@ mod tests {
             let mut fail = |what: String| failures.push(format!("case {i}: {what}"));
             match json_to_ipld(json).and_then(|ipld| encode_cbor(&ipld)) {
                 Ok(cbor) if cbor == want_cbor => {}
-                Ok(cbor) => fail(format!(
-                    "cbor mismatch: got {}",
-                    STANDARD_NO_PAD.encode(cbor)
-                )),
+                Ok(cbor) => fail(format!("cbor mismatch: got {}", STANDARD_NO_PAD.encode(cbor))),
                 Err(e) => fail(format!("json -> cbor failed: {e}")),
             }
             let cid = cid_for_cbor(&want_cbor).to_string();
@@ -689,28 +639,11 @@ mod tests {
         let mut cid_v0 = vec![0x00, 0x12, 0x20];
         cid_v0.extend_from_slice(&[7; 32]);
         let cases: Vec<(&str, Vec<u8>)> = vec![
-            (
-                "float",
-                vec![0xa1, 0x61, b'a', 0xfb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0],
-            ),
-            (
-                "float inside list",
-                vec![
-                    0x82, 0x01, 0xfb, 0x40, 0x09, 0x21, 0xfb, 0x54, 0x44, 0x2d, 0x18,
-                ],
-            ),
-            (
-                "unsorted map keys",
-                vec![0xa2, 0x61, b'b', 0x01, 0x61, b'a', 0x02],
-            ),
-            (
-                "longer key first",
-                vec![0xa2, 0x62, b'a', b'a', 0x01, 0x61, b'b', 0x02],
-            ),
-            (
-                "duplicate map keys",
-                vec![0xa2, 0x61, b'a', 0x01, 0x61, b'a', 0x02],
-            ),
+            ("float", vec![0xa1, 0x61, b'a', 0xfb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]),
+            ("float inside list", vec![0x82, 0x01, 0xfb, 0x40, 0x09, 0x21, 0xfb, 0x54, 0x44, 0x2d, 0x18]),
+            ("unsorted map keys", vec![0xa2, 0x61, b'b', 0x01, 0x61, b'a', 0x02]),
+            ("longer key first", vec![0xa2, 0x62, b'a', b'a', 0x01, 0x61, b'b', 0x02]),
+            ("duplicate map keys", vec![0xa2, 0x61, b'a', 0x01, 0x61, b'a', 0x02]),
             ("indefinite-length list", vec![0x9f, 0x01, 0xff]),
             ("indefinite-length map", vec![0xbf, 0x61, b'a', 0x01, 0xff]),
             ("indefinite-length string", vec![0x7f, 0x61, b'a', 0xff]),
@@ -718,10 +651,7 @@ mod tests {
             ("two top-level values", vec![0x01, 0x02]),
             ("non-minimal integer", vec![0x18, 0x05]),
             ("non-minimal string length", vec![0x78, 0x01, b'a']),
-            (
-                "integer above i64::MAX",
-                vec![0x1b, 0x80, 0, 0, 0, 0, 0, 0, 0],
-            ),
+            ("integer above i64::MAX", vec![0x1b, 0x80, 0, 0, 0, 0, 0, 0, 0]),
             ("non-string map key", vec![0xa1, 0x01, 0x02]),
             ("tag other than 42", vec![0xc1, 0x01]),
             ("undefined", vec![0xf7]),
@@ -731,14 +661,8 @@ mod tests {
             ("CIDv0 in tag 42", tag42(&cid_v0)),
             ("CID missing 0x00 prefix", tag42(&cid)),
             ("junk after the multihash in a CID", tag42(&cid_junk)),
-            (
-                "empty $type",
-                vec![0xa1, 0x65, b'$', b't', b'y', b'p', b'e', 0x60],
-            ),
-            (
-                "$link map key",
-                vec![0xa1, 0x65, b'$', b'l', b'i', b'n', b'k', 0x61, b'x'],
-            ),
+            ("empty $type", vec![0xa1, 0x65, b'$', b't', b'y', b'p', b'e', 0x60]),
+            ("$link map key", vec![0xa1, 0x65, b'$', b'l', b'i', b'n', b'k', 0x61, b'x']),
         ];
         let mut failures = Vec::new();
         for (name, bytes) in &cases {
@@ -755,18 +679,13 @@ mod tests {
         );
 
         // And the junk-after-CID case is caught by the re-encode comparison.
-        assert!(matches!(
-            decode_cbor_strict(&tag42(&cid_junk)),
-            Err(DataError::NonCanonical)
-        ));
+        assert!(matches!(decode_cbor_strict(&tag42(&cid_junk)), Err(DataError::NonCanonical)));
         // Canonical input is accepted.
         let mut ok = vec![0x00];
         ok.extend_from_slice(&cid);
         assert!(matches!(decode_cbor_strict(&tag42(&ok)), Ok(Ipld::Link(_))));
         assert_eq!(
-            decode_cbor_strict(&[0xa2, 0x61, b'b', 0x01, 0x62, b'a', b'a', 0x02])
-                .ok()
-                .map(|_| ()),
+            decode_cbor_strict(&[0xa2, 0x61, b'b', 0x01, 0x62, b'a', b'a', 0x02]).ok().map(|_| ()),
             Some(())
         );
     }
@@ -774,38 +693,23 @@ mod tests {
     #[test]
     fn json_edge_cases() {
         let ok = |j: Value| json_to_ipld(&j).unwrap_or_else(|e| panic!("{j} rejected: {e}"));
-        let err = |j: Value| {
-            json_to_ipld(&j)
-                .err()
-                .unwrap_or_else(|| panic!("{j} accepted"))
-        };
+        let err = |j: Value| json_to_ipld(&j).err().unwrap_or_else(|| panic!("{j} accepted"));
         use serde_json::json;
 
         // Padding is optional on input; output is unpadded.
         assert_eq!(ok(json!({"$bytes": "AQI="})), Ipld::Bytes(vec![1, 2]));
         assert_eq!(ok(json!({"$bytes": "AQI"})), Ipld::Bytes(vec![1, 2]));
         assert_eq!(ok(json!({"$bytes": ""})), Ipld::Bytes(vec![]));
-        assert_eq!(
-            ipld_to_json(&Ipld::Bytes(vec![1, 2])),
-            json!({"$bytes": "AQI"})
-        );
-        assert!(matches!(
-            err(json!({"$bytes": "AQI-"})),
-            DataError::InvalidBytes { .. }
-        ));
+        assert_eq!(ipld_to_json(&Ipld::Bytes(vec![1, 2])), json!({"$bytes": "AQI"}));
+        assert!(matches!(err(json!({"$bytes": "AQI-"})), DataError::InvalidBytes { .. }));
 
         // Integers: full i64 range, integer-valued floats within 2^53.
         assert_eq!(ok(json!(i64::MIN)), Ipld::Integer(i64::MIN.into()));
         assert_eq!(ok(json!(1e3)), Ipld::Integer(1000));
         assert_eq!(ok(json!(-0.0)), Ipld::Integer(0));
-        assert!(matches!(
-            err(json!(u64::MAX)),
-            DataError::IntegerOutOfRange { .. }
-        ));
+        assert!(matches!(err(json!(u64::MAX)), DataError::IntegerOutOfRange { .. }));
         assert!(matches!(err(json!(1e300)), DataError::Float { .. }));
-        assert!(
-            matches!(err(json!({"a": [0, 0.5]})), DataError::Float { ref path } if path == "/a/1")
-        );
+        assert!(matches!(err(json!({"a": [0, 0.5]})), DataError::Float { ref path } if path == "/a/1"));
 
         // Links: canonical base32 CIDv1 only.
         let cid = "bafyreidfayvfuwqa7qlnopdjiqrxzs6blmoeu4rujcjtnci5beludirz2a";
@@ -817,10 +721,7 @@ mod tests {
             "QmbWqxBEKC3P8tqsKc98xmWNzrzDtRLMiMPL8wBuTGsMnR".to_owned(),
             String::new(),
         ] {
-            assert!(
-                matches!(err(json!({"$link": bad})), DataError::InvalidLink { .. }),
-                "{bad}"
-            );
+            assert!(matches!(err(json!({"$link": bad})), DataError::InvalidLink { .. }), "{bad}");
         }
 
         // Other `$` keys are ignored per spec; `$type` is checked anywhere.
@@ -831,14 +732,8 @@ mod tests {
         // Blob shape.
         let blob = |size: Value, mime: Value| json!({"$type": "blob", "ref": {"$link": "bafkreiccldh766hwcnuxnf2wh6jgzepf2nlu2lvcllt63eww5p6chi4ity"}, "mimeType": mime, "size": size});
         ok(blob(json!(0), json!("image/png")));
-        assert!(matches!(
-            err(blob(json!(-1), json!("image/png"))),
-            DataError::InvalidBlob { .. }
-        ));
-        assert!(matches!(
-            err(blob(json!(1), json!(""))),
-            DataError::InvalidBlob { .. }
-        ));
+        assert!(matches!(err(blob(json!(-1), json!("image/png"))), DataError::InvalidBlob { .. }));
+        assert!(matches!(err(blob(json!(1), json!(""))), DataError::InvalidBlob { .. }));
         assert!(matches!(
             err(
                 json!({"$type": "blob", "ref": "bafkreiccldh766hwcnuxnf2wh6jgzepf2nlu2lvcllt63eww5p6chi4ity", "mimeType": "a/b", "size": 1})
@@ -852,10 +747,7 @@ mod tests {
         let deepest = ok(nest(MAX_DEPTH));
         let cbor = encode_cbor(&deepest).expect("encode deepest");
         assert_eq!(decode_cbor_strict(&cbor).expect("decode deepest"), deepest);
-        assert!(matches!(
-            err(nest(MAX_DEPTH + 1)),
-            DataError::TooDeep { .. }
-        ));
+        assert!(matches!(err(nest(MAX_DEPTH + 1)), DataError::TooDeep { .. }));
     }
 
     #[test]
@@ -889,11 +781,7 @@ mod tests {
         assert_eq!(refs.len(), 2, "{refs:?}");
         assert_eq!(
             refs[0],
-            BlobRef {
-                cid: parse_cid(a).expect("cid"),
-                mime_type: "image/jpeg".into(),
-                size: 10000
-            }
+            BlobRef { cid: parse_cid(a).expect("cid"), mime_type: "image/jpeg".into(), size: 10000 }
         );
         assert_eq!(refs[1].cid.to_string(), b);
         assert_eq!(refs[1].size, 5);
@@ -932,41 +820,21 @@ mod tests {
 
         let node = Node {
             l: Some(cid_for_cbor(b"left")),
-            e: vec![Entry {
-                p: 0,
-                k: b"app.bsky.feed.post/3k".to_vec(),
-                v: cid_for_cbor(b"rec"),
-                t: None,
-            }],
+            e: vec![Entry { p: 0, k: b"app.bsky.feed.post/3k".to_vec(), v: cid_for_cbor(b"rec"), t: None }],
         };
         let bytes = encode_cbor_serde(&node).expect("encode");
         // Same bytes as going through Ipld by hand, and byte fields stay bytes.
         let ipld = decode_cbor_strict(&bytes).expect("strict");
         assert_eq!(encode_cbor(&ipld).expect("re-encode"), bytes);
-        let Ipld::Map(m) = &ipld else {
-            panic!("not a map")
-        };
-        let Some(Ipld::List(es)) = m.get("e") else {
-            panic!("no e")
-        };
-        let Some(Ipld::Map(e0)) = es.first() else {
-            panic!("no entry")
-        };
+        let Ipld::Map(m) = &ipld else { panic!("not a map") };
+        let Some(Ipld::List(es)) = m.get("e") else { panic!("no e") };
+        let Some(Ipld::Map(e0)) = es.first() else { panic!("no entry") };
         assert!(matches!(e0.get("k"), Some(Ipld::Bytes(_))));
         assert_eq!(decode_cbor_serde::<Node>(&bytes).expect("decode"), node);
-        assert!(matches!(
-            decode_cbor_serde::<Entry>(&bytes),
-            Err(DataError::Shape(_))
-        ));
+        assert!(matches!(decode_cbor_serde::<Entry>(&bytes), Err(DataError::Shape(_))));
 
         // Typed encoding applies the data-model rules too.
-        assert!(matches!(
-            encode_cbor_serde(&1.5f64),
-            Err(DataError::Float { .. })
-        ));
-        assert!(matches!(
-            encode_cbor_serde(&u64::MAX),
-            Err(DataError::IntegerOutOfRange { .. })
-        ));
+        assert!(matches!(encode_cbor_serde(&1.5f64), Err(DataError::Float { .. })));
+        assert!(matches!(encode_cbor_serde(&u64::MAX), Err(DataError::IntegerOutOfRange { .. })));
     }
 }

@@ -16,19 +16,11 @@ pub const MAX_COMMIT_BLOCKS_BYTES: usize = 2_000_000;
 pub const MAX_COMMIT_OPS: usize = 200;
 
 fn map<const N: usize>(entries: [(&str, Ipld); N]) -> Ipld {
-    Ipld::Map(
-        entries
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect::<BTreeMap<_, _>>(),
-    )
+    Ipld::Map(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<BTreeMap<_, _>>())
 }
 
 fn frame(t: &str, body: Ipld) -> Result<Vec<u8>, DataError> {
-    let mut out = encode_cbor(&map([
-        ("op", Ipld::Integer(1)),
-        ("t", Ipld::String(t.to_owned())),
-    ]))?;
+    let mut out = encode_cbor(&map([("op", Ipld::Integer(1)), ("t", Ipld::String(t.to_owned()))]))?;
     out.extend(encode_cbor(&body)?);
     Ok(out)
 }
@@ -46,10 +38,7 @@ pub fn error_frame(error: &str, message: &str) -> Result<Vec<u8>, DataError> {
 pub fn info_frame(name: &str, message: &str) -> Result<Vec<u8>, DataError> {
     frame(
         "#info",
-        map([
-            ("name", Ipld::String(name.to_owned())),
-            ("message", Ipld::String(message.to_owned())),
-        ]),
+        map([("name", Ipld::String(name.to_owned())), ("message", Ipld::String(message.to_owned()))]),
     )
 }
 
@@ -100,10 +89,7 @@ pub fn commit_frame(seq: i64, e: &CommitEvent<'_>) -> Result<Vec<u8>, DataError>
     body.insert("repo".to_owned(), Ipld::String(e.did.to_owned()));
     body.insert("commit".to_owned(), Ipld::Link(e.commit));
     body.insert("rev".to_owned(), Ipld::String(e.rev.to_owned()));
-    body.insert(
-        "since".to_owned(),
-        e.since.map_or(Ipld::Null, |s| Ipld::String(s.to_owned())),
-    );
+    body.insert("since".to_owned(), e.since.map_or(Ipld::Null, |s| Ipld::String(s.to_owned())));
     body.insert("blocks".to_owned(), Ipld::Bytes(e.blocks.clone()));
     body.insert("ops".to_owned(), Ipld::List(ops));
     body.insert("blobs".to_owned(), Ipld::List(Vec::new()));
@@ -115,13 +101,7 @@ pub fn commit_frame(seq: i64, e: &CommitEvent<'_>) -> Result<Vec<u8>, DataError>
 }
 
 /// `#sync`: the repo's current commit, for consumers to re-sync from.
-pub fn sync_frame(
-    seq: i64,
-    did: &str,
-    blocks: Vec<u8>,
-    rev: &str,
-    time: &str,
-) -> Result<Vec<u8>, DataError> {
+pub fn sync_frame(seq: i64, did: &str, blocks: Vec<u8>, rev: &str, time: &str) -> Result<Vec<u8>, DataError> {
     frame(
         "#sync",
         map([
@@ -134,12 +114,7 @@ pub fn sync_frame(
     )
 }
 
-pub fn identity_frame(
-    seq: i64,
-    did: &str,
-    handle: Option<&str>,
-    time: &str,
-) -> Result<Vec<u8>, DataError> {
+pub fn identity_frame(seq: i64, did: &str, handle: Option<&str>, time: &str) -> Result<Vec<u8>, DataError> {
     let mut body = BTreeMap::new();
     body.insert("seq".to_owned(), Ipld::Integer(seq.into()));
     body.insert("did".to_owned(), Ipld::String(did.to_owned()));
@@ -176,10 +151,7 @@ mod tests {
     /// Splits a frame into its two DAG-CBOR objects.
     fn split(frame: &[u8]) -> (Ipld, Ipld) {
         for cut in 1..frame.len() {
-            if let (Ok(h), Ok(b)) = (
-                decode_cbor_strict(&frame[..cut]),
-                decode_cbor_strict(&frame[cut..]),
-            ) {
+            if let (Ok(h), Ok(b)) = (decode_cbor_strict(&frame[..cut]), decode_cbor_strict(&frame[cut..])) {
                 return (h, b);
             }
         }
@@ -188,16 +160,9 @@ mod tests {
 
     #[test]
     fn frames_have_header_and_body() {
-        let (h, b) = split(
-            &identity_frame(7, "did:plc:x", Some("a.test"), "2024-01-01T00:00:00.000Z").expect("f"),
-        );
-        assert_eq!(
-            h,
-            map([
-                ("op", Ipld::Integer(1)),
-                ("t", Ipld::String("#identity".into()))
-            ])
-        );
+        let (h, b) =
+            split(&identity_frame(7, "did:plc:x", Some("a.test"), "2024-01-01T00:00:00.000Z").expect("f"));
+        assert_eq!(h, map([("op", Ipld::Integer(1)), ("t", Ipld::String("#identity".into()))]));
         let Ipld::Map(b) = b else { panic!("body") };
         assert_eq!(b["seq"], Ipld::Integer(7));
         let (h, _) = split(&error_frame("FutureCursor", "no").expect("f"));

@@ -121,14 +121,10 @@ pub enum KeyError {
     #[error("key is not valid base58btc")]
     InvalidBase58(#[source] multibase::Error),
     /// The multikey does not start with a multicodec this module supports.
-    #[error(
-        "unsupported key type: multicodec prefix must be secp256k1-pub (0xe7) or p256-pub (0x1200)"
-    )]
+    #[error("unsupported key type: multicodec prefix must be secp256k1-pub (0xe7) or p256-pub (0x1200)")]
     UnsupportedMulticodec,
     /// A multikey whose key part is not a 33-byte compressed point.
-    #[error(
-        "{alg} multikey must hold a {COMPRESSED_KEY_LEN}-byte compressed point, got {len} bytes"
-    )]
+    #[error("{alg} multikey must hold a {COMPRESSED_KEY_LEN}-byte compressed point, got {len} bytes")]
     CompressedKeyLength {
         /// The curve the multicodec named.
         alg: KeyAlgorithm,
@@ -205,9 +201,8 @@ impl SigningKey {
     pub fn from_bytes_for(alg: KeyAlgorithm, bytes: &[u8]) -> Result<Self, KeyError> {
         // Checked here because the curve crates' `from_slice` silently
         // left-pads slices of 24..32 bytes, which would accept a truncated key.
-        let bytes: [u8; SECRET_KEY_LEN] = bytes
-            .try_into()
-            .map_err(|_| KeyError::SecretKeyLength(bytes.len()))?;
+        let bytes: [u8; SECRET_KEY_LEN] =
+            bytes.try_into().map_err(|_| KeyError::SecretKeyLength(bytes.len()))?;
         let inner = match alg {
             KeyAlgorithm::K256 => k256::ecdsa::SigningKey::from_bytes(&bytes.into())
                 .map(SigningInner::K256)
@@ -283,18 +278,8 @@ impl SigningKey {
         // `normalize_s` is a no-op for k256, which already normalizes, but
         // p256 does not, and the spec requires low-S on both curves.
         match &self.0 {
-            SigningInner::K256(sk) => sk
-                .sign_prehash_recoverable(&prehash)
-                .0
-                .normalize_s()
-                .to_bytes()
-                .into(),
-            SigningInner::P256(sk) => sk
-                .sign_prehash_recoverable(&prehash)
-                .0
-                .normalize_s()
-                .to_bytes()
-                .into(),
+            SigningInner::K256(sk) => sk.sign_prehash_recoverable(&prehash).0.normalize_s().to_bytes().into(),
+            SigningInner::P256(sk) => sk.sign_prehash_recoverable(&prehash).0.normalize_s().to_bytes().into(),
         }
     }
 }
@@ -330,20 +315,12 @@ enum VerifyingInner {
 impl PublicKey {
     fn from_k256(vk: k256::ecdsa::VerifyingKey) -> Self {
         let compressed: k256::CompressedPoint = (&vk).into();
-        Self {
-            alg: KeyAlgorithm::K256,
-            compressed: compressed.into(),
-            verifier: VerifyingInner::K256(vk),
-        }
+        Self { alg: KeyAlgorithm::K256, compressed: compressed.into(), verifier: VerifyingInner::K256(vk) }
     }
 
     fn from_p256(vk: p256::ecdsa::VerifyingKey) -> Self {
         let compressed: p256::CompressedPoint = (&vk).into();
-        Self {
-            alg: KeyAlgorithm::P256,
-            compressed: compressed.into(),
-            verifier: VerifyingInner::P256(vk),
-        }
+        Self { alg: KeyAlgorithm::P256, compressed: compressed.into(), verifier: VerifyingInner::P256(vk) }
     }
 
     /// A key from SEC1 bytes, compressed (33) or uncompressed (65); either is
@@ -368,9 +345,7 @@ impl PublicKey {
     /// [`KeyError::NotDidKey`] without the prefix, otherwise as
     /// [`PublicKey::from_multibase`].
     pub fn from_did_key(did: &str) -> Result<Self, KeyError> {
-        let multikey = did
-            .strip_prefix(DID_KEY_PREFIX)
-            .ok_or(KeyError::NotDidKey)?;
+        let multikey = did.strip_prefix(DID_KEY_PREFIX).ok_or(KeyError::NotDidKey)?;
         Self::from_multibase(multikey)
     }
 
@@ -393,10 +368,7 @@ impl PublicKey {
         // The spec fixes the compressed form here; accepting uncompressed
         // would let one key have two did:key strings.
         if key.len() != COMPRESSED_KEY_LEN {
-            return Err(KeyError::CompressedKeyLength {
-                alg,
-                len: key.len(),
-            });
+            return Err(KeyError::CompressedKeyLength { alg, len: key.len() });
         }
         Self::from_sec1_bytes(alg, key)
     }
@@ -457,22 +429,20 @@ impl PublicKey {
         // rejects high-S, but p256's accepts it, and the spec forbids it on both.
         match &self.verifier {
             VerifyingInner::K256(vk) => {
-                let sig = k256::ecdsa::Signature::from_slice(sig)
-                    .map_err(|_| KeyError::MalformedSignature)?;
+                let sig =
+                    k256::ecdsa::Signature::from_slice(sig).map_err(|_| KeyError::MalformedSignature)?;
                 if sig.normalize_s() != sig {
                     return Err(KeyError::HighS);
                 }
-                vk.verify_prehash(&prehash, &sig)
-                    .map_err(|_| KeyError::BadSignature)
+                vk.verify_prehash(&prehash, &sig).map_err(|_| KeyError::BadSignature)
             }
             VerifyingInner::P256(vk) => {
-                let sig = p256::ecdsa::Signature::from_slice(sig)
-                    .map_err(|_| KeyError::MalformedSignature)?;
+                let sig =
+                    p256::ecdsa::Signature::from_slice(sig).map_err(|_| KeyError::MalformedSignature)?;
                 if sig.normalize_s() != sig {
                     return Err(KeyError::HighS);
                 }
-                vk.verify_prehash(&prehash, &sig)
-                    .map_err(|_| KeyError::BadSignature)
+                vk.verify_prehash(&prehash, &sig).map_err(|_| KeyError::BadSignature)
             }
         }
     }
@@ -508,19 +478,12 @@ impl fmt::Display for PublicKey {
 /// Decodes `z` + base58btc, refusing every other multibase code: the spec
 /// names base58btc only, and one key should have one string.
 fn decode_base58btc(s: &str) -> Result<Vec<u8>, KeyError> {
-    let payload = s
-        .strip_prefix(BASE58BTC_PREFIX)
-        .ok_or(KeyError::NotBase58Btc)?;
-    multibase::Base::Base58Btc
-        .decode(payload)
-        .map_err(KeyError::InvalidBase58)
+    let payload = s.strip_prefix(BASE58BTC_PREFIX).ok_or(KeyError::NotBase58Btc)?;
+    multibase::Base::Base58Btc.decode(payload).map_err(KeyError::InvalidBase58)
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    reason = "a broken fixture or key should fail the test loudly"
-)]
+#[allow(clippy::unwrap_used, reason = "a broken fixture or key should fail the test loudly")]
 mod tests {
     use super::*;
 
@@ -530,26 +493,20 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn fixture_path(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/interop/crypto")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/crypto").join(name)
     }
 
     fn read_cases(name: &str) -> Vec<Value> {
         let path = fixture_path(name);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        let json: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
-        json.as_array()
-            .unwrap_or_else(|| panic!("{} is not a JSON array", path.display()))
-            .clone()
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let json: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+        json.as_array().unwrap_or_else(|| panic!("{} is not a JSON array", path.display())).clone()
     }
 
     fn field<'a>(case: &'a Value, key: &str) -> Result<&'a str, String> {
-        case[key]
-            .as_str()
-            .ok_or_else(|| format!("missing string field {key:?}"))
+        case[key].as_str().ok_or_else(|| format!("missing string field {key:?}"))
     }
 
     /// Panics with every failure at once, after checking cases were read.
@@ -566,8 +523,7 @@ mod tests {
     /// One case of signature-fixtures.json: the key from both encodings, then
     /// the verdict on the signature.
     fn check_signature_case(case: &Value) -> Result<(), String> {
-        let alg =
-            KeyAlgorithm::from_jwt_alg(field(case, "algorithm")?).ok_or("unknown algorithm")?;
+        let alg = KeyAlgorithm::from_jwt_alg(field(case, "algorithm")?).ok_or("unknown algorithm")?;
         let suite = field(case, "didDocSuite")?;
         if KeyAlgorithm::from_legacy_verification_method(suite) != Some(alg) {
             return Err(format!("didDocSuite {suite} does not name {alg}"));
@@ -582,10 +538,7 @@ mod tests {
             return Err(format!("keys differ: {from_did:?} vs {from_mb:?}"));
         }
         if from_did.algorithm() != alg {
-            return Err(format!(
-                "did:key is {}, fixture says {alg}",
-                from_did.algorithm()
-            ));
+            return Err(format!("did:key is {}, fixture says {alg}", from_did.algorithm()));
         }
         if from_did.to_did_key() != field(case, "publicKeyDid")? {
             return Err("did:key does not round-trip".into());
@@ -596,24 +549,18 @@ mod tests {
         let sig = STANDARD_NO_PAD
             .decode(field(case, "signatureBase64")?)
             .map_err(|e| format!("signatureBase64: {e}"))?;
-        let expected = case["validSignature"]
-            .as_bool()
-            .ok_or("missing validSignature")?;
+        let expected = case["validSignature"].as_bool().ok_or("missing validSignature")?;
         let result = from_did.verify(&msg, &sig);
         if result.is_ok() != expected {
             return Err(format!("expected valid={expected}, got {result:?}"));
         }
         // A rejection must be for the reason the fixture is about, not by luck.
-        let tags: Vec<&str> = case["tags"]
-            .as_array()
-            .map(|t| t.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        let tags: Vec<&str> =
+            case["tags"].as_array().map(|t| t.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         match result {
             Err(KeyError::HighS) if tags.contains(&"high-s") => Ok(()),
             Err(KeyError::SignatureLength(_)) if tags.contains(&"der-encoded") => Ok(()),
-            Err(e) => Err(format!(
-                "rejected for an unexpected reason: {e} (tags {tags:?})"
-            )),
+            Err(e) => Err(format!("rejected for an unexpected reason: {e} (tags {tags:?})")),
             Ok(()) => Ok(()),
         }
     }
@@ -654,9 +601,7 @@ mod tests {
         for (i, case) in cases.iter().enumerate() {
             let result = field(case, "privateKeyBytesHex")
                 .and_then(|h| hex::decode(h).map_err(|e| e.to_string()))
-                .and_then(|secret| {
-                    check_w3c_case(KeyAlgorithm::K256, &secret, field(case, "publicDidKey")?)
-                });
+                .and_then(|secret| check_w3c_case(KeyAlgorithm::K256, &secret, field(case, "publicDidKey")?));
             if let Err(e) = result {
                 failures.push(format!("  [{i}]: {e}"));
             }
@@ -670,14 +615,8 @@ mod tests {
         let mut failures = Vec::new();
         for (i, case) in cases.iter().enumerate() {
             let result = field(case, "privateKeyBytesBase58")
-                .and_then(|b| {
-                    multibase::Base::Base58Btc
-                        .decode(b)
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|secret| {
-                    check_w3c_case(KeyAlgorithm::P256, &secret, field(case, "publicDidKey")?)
-                });
+                .and_then(|b| multibase::Base::Base58Btc.decode(b).map_err(|e| e.to_string()))
+                .and_then(|secret| check_w3c_case(KeyAlgorithm::P256, &secret, field(case, "publicDidKey")?));
             if let Err(e) = result {
                 failures.push(format!("  [{i}]: {e}"));
             }
@@ -697,32 +636,18 @@ mod tests {
             assert_eq!(key.algorithm(), alg);
             let public = key.public_key();
             let sig = key.sign(b"hello atproto");
-            assert_eq!(
-                public.verify(b"hello atproto", &sig).ok(),
-                Some(()),
-                "{alg}"
-            );
+            assert_eq!(public.verify(b"hello atproto", &sig).ok(), Some(()), "{alg}");
             // Deterministic (RFC 6979): same key and message, same bytes.
             assert_eq!(sig, key.sign(b"hello atproto"), "{alg}");
             // Verification through the string forms gives the same verdict.
             let reparsed = PublicKey::from_did_key(&public.to_did_key()).unwrap();
-            assert_eq!(
-                reparsed.verify(b"hello atproto", &sig).ok(),
-                Some(()),
-                "{alg}"
-            );
+            assert_eq!(reparsed.verify(b"hello atproto", &sig).ok(), Some(()), "{alg}");
             assert!(
-                matches!(
-                    public.verify(b"hello atproto!", &sig),
-                    Err(KeyError::BadSignature)
-                ),
+                matches!(public.verify(b"hello atproto!", &sig), Err(KeyError::BadSignature)),
                 "{alg}: wrong message verified"
             );
             let other = SigningKey::generate_for(alg).public_key();
-            assert!(
-                other.verify(b"hello atproto", &sig).is_err(),
-                "{alg}: wrong key verified"
-            );
+            assert!(other.verify(b"hello atproto", &sig).is_err(), "{alg}: wrong key verified");
         }
     }
 
@@ -731,9 +656,7 @@ mod tests {
         assert_eq!(SigningKey::generate().algorithm(), KeyAlgorithm::K256);
         let did = SigningKey::generate().public_key().to_did_key();
         assert!(did.starts_with("did:key:zQ3s"), "{did}");
-        let did = SigningKey::generate_for(KeyAlgorithm::P256)
-            .public_key()
-            .to_did_key();
+        let did = SigningKey::generate_for(KeyAlgorithm::P256).public_key().to_did_key();
         assert!(did.starts_with("did:key:zDna"), "{did}");
     }
 
@@ -825,21 +748,11 @@ mod tests {
         let public = key.public_key();
         let sig = key.sign(b"m");
         let table: [(&str, Vec<u8>, ExpectErr); 5] = [
-            ("empty", vec![], |e| {
-                matches!(e, KeyError::SignatureLength(0))
-            }),
-            ("63 bytes", sig[..63].to_vec(), |e| {
-                matches!(e, KeyError::SignatureLength(63))
-            }),
-            ("65 bytes", [&sig[..], &[0]].concat(), |e| {
-                matches!(e, KeyError::SignatureLength(65))
-            }),
-            ("zero r and s", vec![0; 64], |e| {
-                matches!(e, KeyError::MalformedSignature)
-            }),
-            ("r and s >= n", vec![0xff; 64], |e| {
-                matches!(e, KeyError::MalformedSignature)
-            }),
+            ("empty", vec![], |e| matches!(e, KeyError::SignatureLength(0))),
+            ("63 bytes", sig[..63].to_vec(), |e| matches!(e, KeyError::SignatureLength(63))),
+            ("65 bytes", [&sig[..], &[0]].concat(), |e| matches!(e, KeyError::SignatureLength(65))),
+            ("zero r and s", vec![0; 64], |e| matches!(e, KeyError::MalformedSignature)),
+            ("r and s >= n", vec![0xff; 64], |e| matches!(e, KeyError::MalformedSignature)),
         ];
         let mut failures = Vec::new();
         for (name, bad, expect) in &table {
@@ -885,22 +798,12 @@ mod tests {
             ("zero", KeyAlgorithm::K256, &zero, |e| {
                 matches!(e, KeyError::InvalidSecretKey(KeyAlgorithm::K256))
             }),
-            ("k256 order", KeyAlgorithm::K256, k256_order, |e| {
-                matches!(e, KeyError::InvalidSecretKey(_))
-            }),
-            ("p256 order", KeyAlgorithm::P256, p256_order, |e| {
-                matches!(e, KeyError::InvalidSecretKey(_))
-            }),
+            ("k256 order", KeyAlgorithm::K256, k256_order, |e| matches!(e, KeyError::InvalidSecretKey(_))),
+            ("p256 order", KeyAlgorithm::P256, p256_order, |e| matches!(e, KeyError::InvalidSecretKey(_))),
             // The curve crates would left-pad this; we must not.
-            ("31 bytes", KeyAlgorithm::K256, &short, |e| {
-                matches!(e, KeyError::SecretKeyLength(31))
-            }),
-            ("not hex", KeyAlgorithm::K256, "zz", |e| {
-                matches!(e, KeyError::InvalidHex(_))
-            }),
-            ("odd length", KeyAlgorithm::K256, "abc", |e| {
-                matches!(e, KeyError::InvalidHex(_))
-            }),
+            ("31 bytes", KeyAlgorithm::K256, &short, |e| matches!(e, KeyError::SecretKeyLength(31))),
+            ("not hex", KeyAlgorithm::K256, "zz", |e| matches!(e, KeyError::InvalidHex(_))),
+            ("odd length", KeyAlgorithm::K256, "abc", |e| matches!(e, KeyError::InvalidHex(_))),
         ];
         let mut failures = Vec::new();
         for (name, alg, input, expect) in &table {
@@ -924,13 +827,9 @@ mod tests {
         );
         // The uncompressed point: valid SEC1, but not the spec's multikey form.
         let uncompressed = {
-            let vk =
-                k256::ecdsa::VerifyingKey::from_sec1_bytes(k256_key.compressed_bytes()).unwrap();
+            let vk = k256::ecdsa::VerifyingKey::from_sec1_bytes(k256_key.compressed_bytes()).unwrap();
             let point = vk.to_sec1_point(false);
-            multibase::encode(
-                multibase::Base::Base58Btc,
-                [&K256_MULTICODEC[..], point.as_bytes()].concat(),
-            )
+            multibase::encode(multibase::Base::Base58Btc, [&K256_MULTICODEC[..], point.as_bytes()].concat())
         };
         // An x coordinate with no point on the curve.
         let off_curve = multibase::encode(
@@ -938,28 +837,16 @@ mod tests {
             [&K256_MULTICODEC[..], &[0x02], &[0xff; 32][..]].concat(),
         );
         let table: [(&str, String, ExpectErr); 8] = [
-            (
-                "no prefix",
-                good.trim_start_matches("did:key:").to_string(),
-                |e| matches!(e, KeyError::NotDidKey),
-            ),
-            ("did:web", "did:web:example.com".into(), |e| {
+            ("no prefix", good.trim_start_matches("did:key:").to_string(), |e| {
                 matches!(e, KeyError::NotDidKey)
             }),
-            ("base32 multibase", "did:key:bafkqaaa".into(), |e| {
-                matches!(e, KeyError::NotBase58Btc)
+            ("did:web", "did:web:example.com".into(), |e| matches!(e, KeyError::NotDidKey)),
+            ("base32 multibase", "did:key:bafkqaaa".into(), |e| matches!(e, KeyError::NotBase58Btc)),
+            ("bad base58", "did:key:z0OIl".into(), |e| matches!(e, KeyError::InvalidBase58(_))),
+            ("empty", "did:key:".into(), |e| matches!(e, KeyError::NotBase58Btc)),
+            ("ed25519 multicodec", format!("did:key:{ed_prefixed}"), |e| {
+                matches!(e, KeyError::UnsupportedMulticodec)
             }),
-            ("bad base58", "did:key:z0OIl".into(), |e| {
-                matches!(e, KeyError::InvalidBase58(_))
-            }),
-            ("empty", "did:key:".into(), |e| {
-                matches!(e, KeyError::NotBase58Btc)
-            }),
-            (
-                "ed25519 multicodec",
-                format!("did:key:{ed_prefixed}"),
-                |e| matches!(e, KeyError::UnsupportedMulticodec),
-            ),
             ("uncompressed", format!("did:key:{uncompressed}"), |e| {
                 matches!(e, KeyError::CompressedKeyLength { len: 65, .. })
             }),
@@ -983,35 +870,24 @@ mod tests {
         for alg in ALGS {
             let public = SigningKey::generate_for(alg).public_key();
             let uncompressed = match alg {
-                KeyAlgorithm::K256 => {
-                    k256::ecdsa::VerifyingKey::from_sec1_bytes(public.compressed_bytes())
-                        .unwrap()
-                        .to_sec1_point(false)
-                        .as_bytes()
-                        .to_vec()
-                }
-                KeyAlgorithm::P256 => {
-                    p256::ecdsa::VerifyingKey::from_sec1_bytes(public.compressed_bytes())
-                        .unwrap()
-                        .to_sec1_point(false)
-                        .as_bytes()
-                        .to_vec()
-                }
+                KeyAlgorithm::K256 => k256::ecdsa::VerifyingKey::from_sec1_bytes(public.compressed_bytes())
+                    .unwrap()
+                    .to_sec1_point(false)
+                    .as_bytes()
+                    .to_vec(),
+                KeyAlgorithm::P256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(public.compressed_bytes())
+                    .unwrap()
+                    .to_sec1_point(false)
+                    .as_bytes()
+                    .to_vec(),
             };
             assert_eq!(uncompressed.len(), 65);
             let from_full = PublicKey::from_sec1_bytes(alg, &uncompressed).unwrap();
             assert_eq!(from_full, public);
             assert_eq!(from_full.compressed_bytes(), public.compressed_bytes());
-            assert_eq!(
-                PublicKey::from_multibase(&public.to_multibase()).unwrap(),
-                public
-            );
+            assert_eq!(PublicKey::from_multibase(&public.to_multibase()).unwrap(), public);
             // A point is not valid on the other curve in general; never mix them up.
-            let other = if alg == KeyAlgorithm::K256 {
-                KeyAlgorithm::P256
-            } else {
-                KeyAlgorithm::K256
-            };
+            let other = if alg == KeyAlgorithm::K256 { KeyAlgorithm::P256 } else { KeyAlgorithm::K256 };
             if let Ok(k) = PublicKey::from_sec1_bytes(other, public.compressed_bytes()) {
                 assert_ne!(k, public);
             }
@@ -1022,14 +898,8 @@ mod tests {
     fn spec_examples_parse() {
         // The two examples in the cryptography spec's "Encoded Examples".
         let table = [
-            (
-                "zDnaembgSGUhZULN2Caob4HLJPaxBh92N7rtH21TErzqf8HQo",
-                KeyAlgorithm::P256,
-            ),
-            (
-                "zQ3shqwJEJyMBsBXCWyCBpUBMqxcon9oHB7mCvx4sSpMdLJwc",
-                KeyAlgorithm::K256,
-            ),
+            ("zDnaembgSGUhZULN2Caob4HLJPaxBh92N7rtH21TErzqf8HQo", KeyAlgorithm::P256),
+            ("zQ3shqwJEJyMBsBXCWyCBpUBMqxcon9oHB7mCvx4sSpMdLJwc", KeyAlgorithm::K256),
         ];
         for (multikey, alg) in table {
             let key = PublicKey::from_multibase(multikey).unwrap();

@@ -31,10 +31,7 @@ use super::data::{cid_for_cbor, decode_cbor_serde, encode_cbor_serde};
 /// Where the editor reads nodes that it has not written itself.
 pub trait BlockSource: Sync {
     /// Returns the block's bytes, or `None` when the store does not have it.
-    fn get_block(
-        &self,
-        cid: &Cid,
-    ) -> impl Future<Output = Result<Option<Arc<[u8]>>, MstError>> + Send;
+    fn get_block(&self, cid: &Cid) -> impl Future<Output = Result<Option<Arc<[u8]>>, MstError>> + Send;
 }
 
 /// An in-memory block map; used by tests, proofs and CAR verification.
@@ -144,11 +141,7 @@ impl Node {
     }
 
     fn gap(&self, i: usize) -> Option<Cid> {
-        if i == 0 {
-            self.left
-        } else {
-            self.entries[i - 1].right
-        }
+        if i == 0 { self.left } else { self.entries[i - 1].right }
     }
 
     fn set_gap(&mut self, i: usize, cid: Option<Cid>) {
@@ -164,12 +157,7 @@ impl Node {
         let mut e = Vec::with_capacity(self.entries.len());
         for entry in &self.entries {
             let p = common_prefix_len(prev, &entry.key);
-            e.push(EntryData {
-                k: entry.key[p..].to_vec(),
-                p: p as u64,
-                t: entry.right,
-                v: entry.value,
-            });
+            e.push(EntryData { k: entry.key[p..].to_vec(), p: p as u64, t: entry.right, v: entry.value });
             prev = &entry.key;
         }
         encode_cbor_serde(&NodeData { e, l: self.left })
@@ -193,16 +181,9 @@ impl Node {
                     return Err(bad("keys out of order".into()));
                 }
             }
-            entries.push(Entry {
-                key,
-                value: raw.v,
-                right: raw.t,
-            });
+            entries.push(Entry { key, value: raw.v, right: raw.t });
         }
-        Ok(Node {
-            left: data.l,
-            entries,
-        })
+        Ok(Node { left: data.l, entries })
     }
 }
 
@@ -286,11 +267,7 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
         if let Some(node) = self.loaded.get(&cid) {
             return Ok(node.clone());
         }
-        let bytes = self
-            .store
-            .get_block(&cid)
-            .await?
-            .ok_or(MstError::MissingBlock(cid))?;
+        let bytes = self.store.get_block(&cid).await?.ok_or(MstError::MissingBlock(cid))?;
         let node = Node::decode(&cid, &bytes)?;
         self.loaded.insert(cid, node.clone());
         Ok(node)
@@ -301,10 +278,7 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
         if let Some((_, bytes)) = self.staged.get(&cid) {
             return Ok(Arc::from(bytes.as_slice()));
         }
-        self.store
-            .get_block(&cid)
-            .await?
-            .ok_or(MstError::MissingBlock(cid))
+        self.store.get_block(&cid).await?.ok_or(MstError::MissingBlock(cid))
     }
 
     fn put(&mut self, node: Node) -> Result<Cid, MstError> {
@@ -315,11 +289,7 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
     }
 
     fn put_nonempty(&mut self, node: Node) -> Result<Option<Cid>, MstError> {
-        if node.is_empty() {
-            Ok(None)
-        } else {
-            self.put(node).map(Some)
-        }
+        if node.is_empty() { Ok(None) } else { self.put(node).map(Some) }
     }
 
     /// Marks a node as superseded. Staged nodes need no bookkeeping: they are
@@ -385,18 +355,13 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
             // key's layer; the insert below then splits it around the key.
             Some(current) if height > current => {
                 for _ in current..height {
-                    root = self.put(Node {
-                        left: Some(root),
-                        entries: Vec::new(),
-                    })?;
+                    root = self.put(Node { left: Some(root), entries: Vec::new() })?;
                 }
                 layer = height;
             }
             Some(_) => {}
         }
-        self.root = self
-            .insert_at(Some(root), layer, key.to_vec(), height, value)
-            .await?;
+        self.root = self.insert_at(Some(root), layer, key.to_vec(), height, value).await?;
         Ok(previous)
     }
 
@@ -411,19 +376,10 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
         Box::pin(async move {
             let Some(cid) = cid else {
                 // A new subtree: the key at its layer, wrapped down from `layer`.
-                let mut node_cid = self.put(Node {
-                    left: None,
-                    entries: vec![Entry {
-                        key,
-                        value,
-                        right: None,
-                    }],
-                })?;
+                let mut node_cid =
+                    self.put(Node { left: None, entries: vec![Entry { key, value, right: None }] })?;
                 for _ in height..layer {
-                    node_cid = self.put(Node {
-                        left: Some(node_cid),
-                        entries: Vec::new(),
-                    })?;
+                    node_cid = self.put(Node { left: Some(node_cid), entries: Vec::new() })?;
                 }
                 return Ok(node_cid);
             };
@@ -432,16 +388,12 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
             match node.search(&key) {
                 Ok(i) => node.entries[i].value = value,
                 Err(i) if height == layer => {
-                    let (left, right) = self
-                        .split(node.gap(i), layer.saturating_sub(1), &key)
-                        .await?;
+                    let (left, right) = self.split(node.gap(i), layer.saturating_sub(1), &key).await?;
                     node.set_gap(i, left);
                     node.entries.insert(i, Entry { key, value, right });
                 }
                 Err(i) => {
-                    let child = self
-                        .insert_at(node.gap(i), layer - 1, key, height, value)
-                        .await?;
+                    let child = self.insert_at(node.gap(i), layer - 1, key, height, value).await?;
                     node.set_gap(i, Some(child));
                 }
             }
@@ -465,26 +417,14 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
             let i = match node.search(key) {
                 Err(i) => i,
                 Ok(_) => {
-                    return Err(MstError::BadNode {
-                        cid,
-                        reason: "key found below its own layer".into(),
-                    });
+                    return Err(MstError::BadNode { cid, reason: "key found below its own layer".into() });
                 }
             };
-            let (gap_left, gap_right) = if layer == 0 {
-                (None, None)
-            } else {
-                self.split(node.gap(i), layer - 1, key).await?
-            };
-            let mut low = Node {
-                left: node.left,
-                entries: node.entries[..i].to_vec(),
-            };
+            let (gap_left, gap_right) =
+                if layer == 0 { (None, None) } else { self.split(node.gap(i), layer - 1, key).await? };
+            let mut low = Node { left: node.left, entries: node.entries[..i].to_vec() };
             low.set_gap(i, gap_left);
-            let high = Node {
-                left: gap_right,
-                entries: node.entries[i..].to_vec(),
-            };
+            let high = Node { left: gap_right, entries: node.entries[i..].to_vec() };
             Ok((self.put_nonempty(low)?, self.put_nonempty(high)?))
         })
     }
@@ -529,16 +469,13 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
             match node.search(key) {
                 Ok(i) => {
                     let removed = node.entries.remove(i);
-                    let merged = self
-                        .merge(node.gap(i), removed.right, layer.saturating_sub(1))
-                        .await?;
+                    let merged = self.merge(node.gap(i), removed.right, layer.saturating_sub(1)).await?;
                     node.set_gap(i, merged);
                 }
                 Err(i) => {
-                    let child = node.gap(i).ok_or(MstError::BadNode {
-                        cid,
-                        reason: "key vanished during delete".into(),
-                    })?;
+                    let child = node
+                        .gap(i)
+                        .ok_or(MstError::BadNode { cid, reason: "key vanished during delete".into() })?;
                     let new_child = self.delete_at(child, layer - 1, key).await?;
                     node.set_gap(i, new_child);
                 }
@@ -564,13 +501,8 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
             self.retire(a_cid);
             self.retire(b_cid);
             let a_last_gap = a.gap(a.entries.len());
-            let middle = self
-                .merge(a_last_gap, b.left, layer.saturating_sub(1))
-                .await?;
-            let mut joined = Node {
-                left: a.left,
-                entries: a.entries,
-            };
+            let middle = self.merge(a_last_gap, b.left, layer.saturating_sub(1)).await?;
+            let mut joined = Node { left: a.left, entries: a.entries };
             let end = joined.entries.len();
             joined.set_gap(end, middle);
             joined.entries.extend(b.entries);
@@ -601,16 +533,8 @@ impl<'s, S: BlockSource> MstEditor<'s, S> {
                 }
             }
         }
-        let removed = self
-            .replaced
-            .into_iter()
-            .filter(|c| !still_used.contains(c))
-            .collect();
-        MstDiff {
-            root: self.root,
-            new_blocks,
-            removed,
-        }
+        let removed = self.replaced.into_iter().filter(|c| !still_used.contains(c)).collect();
+        MstDiff { root: self.root, new_blocks, removed }
     }
 }
 
@@ -671,10 +595,7 @@ pub async fn covering_proof<S: BlockSource>(
 
 /// Visits every leaf in key order, loading the whole path set; for tests,
 /// verification of small trees and CAR import.
-pub async fn collect_leaves<S: BlockSource>(
-    store: &S,
-    root: Cid,
-) -> Result<Vec<(String, Cid)>, MstError> {
+pub async fn collect_leaves<S: BlockSource>(store: &S, root: Cid) -> Result<Vec<(String, Cid)>, MstError> {
     let mut out = Vec::new();
     let mut editor = MstEditor::new(store, root);
     walk(&mut editor, root, &mut out).await?;
@@ -692,10 +613,8 @@ fn walk<'a, S: BlockSource>(
             walk(editor, left, out).await?;
         }
         for entry in node.entries {
-            let key = String::from_utf8(entry.key).map_err(|_| MstError::BadNode {
-                cid,
-                reason: "key is not UTF-8".into(),
-            })?;
+            let key = String::from_utf8(entry.key)
+                .map_err(|_| MstError::BadNode { cid, reason: "key is not UTF-8".into() })?;
             out.push((key, entry.value));
             if let Some(right) = entry.right {
                 walk(editor, right, out).await?;
@@ -754,12 +673,7 @@ mod tests {
                 failures.push(key.to_owned());
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {} failed: {failures:?}",
-            failures.len(),
-            cases.len()
-        );
+        assert!(failures.is_empty(), "{} of {} failed: {failures:?}", failures.len(), cases.len());
     }
 
     #[test]
@@ -768,27 +682,16 @@ mod tests {
         let cases = cases.as_array().expect("array");
         assert!(!cases.is_empty(), "common_prefix.json has no cases");
         for case in cases {
-            let (l, r) = (
-                case["left"].as_str().expect("l"),
-                case["right"].as_str().expect("r"),
-            );
+            let (l, r) = (case["left"].as_str().expect("l"), case["right"].as_str().expect("r"));
             let want = case["len"].as_u64().expect("len") as usize;
-            assert_eq!(
-                common_prefix_len(l.as_bytes(), r.as_bytes()),
-                want,
-                "{l:?} vs {r:?}"
-            );
+            assert_eq!(common_prefix_len(l.as_bytes(), r.as_bytes()), want, "{l:?} vs {r:?}");
         }
     }
 
     #[test]
     fn example_keys_have_their_named_height() {
         let keys = read_lines("interop/mst/example_keys.txt");
-        assert!(
-            keys.len() > 100,
-            "example_keys.txt read {} keys",
-            keys.len()
-        );
+        assert!(keys.len() > 100, "example_keys.txt read {} keys", keys.len());
         for key in &keys {
             let named: u32 = key[1..2].parse().expect("height digit");
             assert_eq!(key_height(key.as_bytes()), named, "{key}");
@@ -799,9 +702,7 @@ mod tests {
     fn empty_tree_root_matches_reference() {
         // Known answer from the reference implementation's MST tests.
         assert_eq!(
-            MstEditor::<Store>::empty_root()
-                .expect("empty root")
-                .to_string(),
+            MstEditor::<Store>::empty_root().expect("empty root").to_string(),
             "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
         );
     }
@@ -825,11 +726,7 @@ mod tests {
             let leaf = cid(case["leafValue"].as_str().expect("leaf"));
             let mut store = Store::new();
             let before = build(&mut store, &keys, leaf);
-            assert_eq!(
-                before,
-                cid(case["rootBeforeCommit"].as_str().expect("rb")),
-                "{name}: before"
-            );
+            assert_eq!(before, cid(case["rootBeforeCommit"].as_str().expect("rb")), "{name}: before");
 
             // Forward commit.
             let diff = block_on(async {
@@ -845,25 +742,13 @@ mod tests {
             .expect("apply commit");
             persist(&mut store, &diff);
             let after = diff.root;
-            assert_eq!(
-                after,
-                cid(case["rootAfterCommit"].as_str().expect("ra")),
-                "{name}: after"
-            );
+            assert_eq!(after, cid(case["rootAfterCommit"].as_str().expect("ra")), "{name}: after");
 
             // The covering proof: nodes read while inverting each op on the new tree.
             let ops: Vec<OpChange> = adds
                 .iter()
-                .map(|k| OpChange {
-                    key: k,
-                    before: None,
-                    after: Some(leaf),
-                })
-                .chain(dels.iter().map(|k| OpChange {
-                    key: k,
-                    before: Some(leaf),
-                    after: None,
-                }))
+                .map(|k| OpChange { key: k, before: None, after: Some(leaf) })
+                .chain(dels.iter().map(|k| OpChange { key: k, before: Some(leaf), after: None }))
                 .collect();
             let proof = block_on(covering_proof(&store, after, &ops)).expect("proof");
             for want in strings("blocksInProof") {
@@ -871,18 +756,12 @@ mod tests {
             }
 
             // Inversion from the proof blocks alone, in both op orders.
-            let partial: Store = proof
-                .iter()
-                .map(|c| (*c, store[c].clone()))
-                .collect::<HashMap<_, _>>();
+            let partial: Store = proof.iter().map(|c| (*c, store[c].clone())).collect::<HashMap<_, _>>();
             for reversed in [false, true] {
                 let root = block_on(async {
                     let mut ed = MstEditor::new(&partial, after);
-                    let mut ops: Vec<(&String, bool)> = adds
-                        .iter()
-                        .map(|k| (k, true))
-                        .chain(dels.iter().map(|k| (k, false)))
-                        .collect();
+                    let mut ops: Vec<(&String, bool)> =
+                        adds.iter().map(|k| (k, true)).chain(dels.iter().map(|k| (k, false))).collect();
                     if reversed {
                         ops.reverse();
                     }
@@ -924,10 +803,7 @@ mod tests {
             root = diff.root;
             let reachable = block_on(reachable_nodes(&store, root)).expect("walk");
             let stored: HashSet<Cid> = store.keys().copied().collect();
-            assert_eq!(
-                stored, reachable,
-                "store must hold exactly the reachable nodes"
-            );
+            assert_eq!(stored, reachable, "store must hold exactly the reachable nodes");
         }
     }
 

@@ -62,11 +62,7 @@ impl SyntaxError {
             Some((cut, _)) => format!("{}…", &input[..cut]),
             None => input.to_owned(),
         };
-        Self {
-            kind,
-            reason,
-            input,
-        }
+        Self { kind, reason, input }
     }
 
     pub fn kind(&self) -> SyntaxKind {
@@ -116,23 +112,12 @@ macro_rules! string_impls {
     )*};
 }
 
-string_impls!(
-    Did,
-    Handle,
-    AtIdentifier,
-    Nsid,
-    RecordKey,
-    Tid,
-    AtUri,
-    Datetime,
-    Language
-);
+string_impls!(Did, Handle, AtIdentifier, Nsid, RecordKey, Tid, AtUri, Datetime, Language);
 
 // ---------------------------------------------------------------------------
 // DID
 
-static DID_RE: LazyLock<Regex> =
-    LazyLock::new(|| regex(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$"));
+static DID_RE: LazyLock<Regex> = LazyLock::new(|| regex(r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$"));
 
 /// A decentralized identifier, `did:<method>:<method-specific-id>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -167,21 +152,12 @@ impl Did {
 
 // Matched after lowercasing. The TLD may not start with a digit so that IPv4
 // addresses are never handles.
-static HANDLE_RE: LazyLock<Regex> = LazyLock::new(|| {
-    regex(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-});
+static HANDLE_RE: LazyLock<Regex> =
+    LazyLock::new(|| regex(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"));
 
 /// TLDs that are syntactically fine but can never be a real, resolvable handle.
-const DISALLOWED_TLDS: &[&str] = &[
-    "local",
-    "arpa",
-    "invalid",
-    "localhost",
-    "internal",
-    "example",
-    "alt",
-    "onion",
-];
+const DISALLOWED_TLDS: &[&str] =
+    &["local", "arpa", "invalid", "localhost", "internal", "example", "alt", "onion"];
 
 /// A DNS-name handle, stored lowercased because handles are case-insensitive.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -240,11 +216,7 @@ impl AtIdentifier {
     /// format was attempted.
     pub fn new(s: impl Into<String>) -> Result<Self, SyntaxError> {
         let s = s.into();
-        if s.starts_with("did:") {
-            Did::new(s).map(Self::Did)
-        } else {
-            Handle::new(s).map(Self::Handle)
-        }
+        if s.starts_with("did:") { Did::new(s).map(Self::Did) } else { Handle::new(s).map(Self::Handle) }
     }
 
     pub fn as_str(&self) -> &str {
@@ -386,10 +358,8 @@ impl Tid {
     /// Encodes a TID; bits beyond 53 (micros) and 10 (clock id) are dropped.
     pub fn from_parts(micros: u64, clock_id: u16) -> Self {
         let value = (micros & TID_MICROS_MASK) << 10 | u64::from(clock_id & TID_CLOCK_MASK);
-        let encoded = (0..13)
-            .rev()
-            .map(|i| char::from(TID_ALPHABET[((value >> (i * 5)) & 31) as usize]))
-            .collect();
+        let encoded =
+            (0..13).rev().map(|i| char::from(TID_ALPHABET[((value >> (i * 5)) & 31) as usize])).collect();
         Self(encoded)
     }
 
@@ -399,10 +369,7 @@ impl Tid {
 
     fn value(&self) -> u64 {
         self.0.bytes().fold(0, |acc, b| {
-            let digit = TID_ALPHABET
-                .iter()
-                .position(|&c| c == b)
-                .unwrap_or_default();
+            let digit = TID_ALPHABET.iter().position(|&c| c == b).unwrap_or_default();
             acc << 5 | digit as u64
         })
     }
@@ -426,18 +393,13 @@ pub struct TidClock {
 
 impl TidClock {
     pub fn new(clock_id: u16) -> Self {
-        Self {
-            clock_id: clock_id & TID_CLOCK_MASK,
-            last_micros: 0,
-        }
+        Self { clock_id: clock_id & TID_CLOCK_MASK, last_micros: 0 }
     }
 
     /// A TID for `now_micros`, or one microsecond after the previous TID if
     /// the clock has not advanced.
     pub fn next(&mut self, now_micros: u64) -> Tid {
-        let micros = now_micros
-            .max(self.last_micros.saturating_add(1))
-            .min(TID_MICROS_MASK);
+        let micros = now_micros.max(self.last_micros.saturating_add(1)).min(TID_MICROS_MASK);
         self.last_micros = micros;
         Tid::from_parts(micros, self.clock_id)
     }
@@ -471,22 +433,14 @@ impl AtUri {
         if s.len() > 8 * 1024 {
             return Err(err("longer than 8 KiB"));
         }
-        let rest = s
-            .strip_prefix("at://")
-            .ok_or_else(|| err("must start with at://"))?;
+        let rest = s.strip_prefix("at://").ok_or_else(|| err("must start with at://"))?;
         let mut segments = rest.split('/');
         let authority = AtIdentifier::new(segments.next().unwrap_or_default())
             .map_err(|_| err("authority is not a DID or handle"))?;
-        let collection = segments
-            .next()
-            .map(Nsid::new)
-            .transpose()
-            .map_err(|_| err("collection is not an NSID"))?;
-        let rkey = segments
-            .next()
-            .map(RecordKey::new)
-            .transpose()
-            .map_err(|_| err("record key is invalid"))?;
+        let collection =
+            segments.next().map(Nsid::new).transpose().map_err(|_| err("collection is not an NSID"))?;
+        let rkey =
+            segments.next().map(RecordKey::new).transpose().map_err(|_| err("record key is invalid"))?;
         if segments.next().is_some() {
             return Err(err("more than authority, collection and record key"));
         }
@@ -495,31 +449,19 @@ impl AtUri {
 
     /// `at://{did}/{collection}/{rkey}`; cannot fail since the parts are valid.
     pub fn for_record(did: &Did, collection: &Nsid, rkey: &RecordKey) -> Self {
-        Self::build(
-            did.clone().into(),
-            Some(collection.clone()),
-            Some(rkey.clone()),
-        )
+        Self::build(did.clone().into(), Some(collection.clone()), Some(rkey.clone()))
     }
 
     fn build(authority: AtIdentifier, collection: Option<Nsid>, rkey: Option<RecordKey>) -> Self {
         let mut uri = format!("at://{authority}");
-        for segment in [
-            collection.as_ref().map(Nsid::as_str),
-            rkey.as_ref().map(RecordKey::as_str),
-        ]
-        .into_iter()
-        .flatten()
+        for segment in [collection.as_ref().map(Nsid::as_str), rkey.as_ref().map(RecordKey::as_str)]
+            .into_iter()
+            .flatten()
         {
             uri.push('/');
             uri.push_str(segment);
         }
-        Self {
-            uri,
-            authority,
-            collection,
-            rkey,
-        }
+        Self { uri, authority, collection, rkey }
     }
 
     pub fn as_str(&self) -> &str {
@@ -604,9 +546,7 @@ fn check_datetime_syntax(s: &str) -> Result<regex::Captures<'_>, &'static str> {
     if s.len() > 64 {
         return Err("longer than 64 characters");
     }
-    let caps = DATETIME_RE
-        .captures(s)
-        .ok_or("expected YYYY-MM-DDTHH:MM:SS[.fff](Z|+hh:mm|-hh:mm)")?;
+    let caps = DATETIME_RE.captures(s).ok_or("expected YYYY-MM-DDTHH:MM:SS[.fff](Z|+hh:mm|-hh:mm)")?;
     // RFC 3339 uses -00:00 for "offset unknown", which ISO 8601 forbids.
     if s.ends_with("-00:00") {
         return Err("-00:00 is not an allowed offset");
@@ -617,10 +557,7 @@ fn check_datetime_syntax(s: &str) -> Result<regex::Captures<'_>, &'static str> {
 fn parse_datetime(s: &str) -> Result<OffsetDateTime, &'static str> {
     let caps = check_datetime_syntax(s)?;
     // The regex guarantees every numeric group is a short run of ASCII digits.
-    let num = |i: usize| {
-        caps.get(i)
-            .map_or(0, |m| m.as_str().parse::<i32>().unwrap_or(0))
-    };
+    let num = |i: usize| caps.get(i).map_or(0, |m| m.as_str().parse::<i32>().unwrap_or(0));
     let field = |i: usize| num(i) as u8;
 
     let month = Month::try_from(field(2)).map_err(|_| "month out of range")?;
@@ -630,13 +567,9 @@ fn parse_datetime(s: &str) -> Result<OffsetDateTime, &'static str> {
         let digits = &m.as_str()[..m.len().min(9)];
         digits.parse::<u32>().unwrap_or(0) * 10u32.pow(9 - digits.len() as u32)
     });
-    let time = Time::from_hms_nano(field(4), field(5), field(6), nanos)
-        .map_err(|_| "time of day out of range")?;
-    let sign: i8 = if caps.get(9).is_some_and(|m| m.as_str() == "-") {
-        -1
-    } else {
-        1
-    };
+    let time =
+        Time::from_hms_nano(field(4), field(5), field(6), nanos).map_err(|_| "time of day out of range")?;
+    let sign: i8 = if caps.get(9).is_some_and(|m| m.as_str() == "-") { -1 } else { 1 };
     let offset = UtcOffset::from_hms(sign * field(10) as i8, sign * field(11) as i8, 0)
         .map_err(|_| "offset out of range")?;
     let at = PrimitiveDateTime::new(date, time).assume_offset(offset);
@@ -761,25 +694,16 @@ mod tests {
 
     /// Non-comment lines of a fixture, untrimmed: whitespace is significant.
     fn fixture(name: &str) -> Vec<String> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/interop/syntax")
-            .join(name);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        text.lines()
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_owned)
-            .collect()
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/syntax").join(name);
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
     }
 
     /// Runs `check` over every case and reports all mismatches at once.
     fn run_fixture<T>(name: &str, expect_ok: bool, check: impl Fn(&str) -> Result<T, SyntaxError>) {
         let cases = fixture(name);
-        assert!(
-            !cases.is_empty(),
-            "{name}: read {} cases, expected some",
-            cases.len()
-        );
+        assert!(!cases.is_empty(), "{name}: read {} cases, expected some", cases.len());
         let failures: Vec<String> = cases
             .iter()
             .filter_map(|case| match (check(case), expect_ok) {
@@ -894,10 +818,7 @@ mod tests {
     #[test]
     fn did_method() {
         assert_eq!(Did::new("did:plc:abc").unwrap().method(), "plc");
-        assert_eq!(
-            Did::new("did:web:localhost%3A1234").unwrap().method(),
-            "web"
-        );
+        assert_eq!(Did::new("did:web:localhost%3A1234").unwrap().method(), "web");
     }
 
     #[test]
@@ -924,10 +845,7 @@ mod tests {
     #[test]
     fn aturi_parts_and_builder() {
         let uri = AtUri::new("at://Alice.Test/app.bsky.feed.post/3jzfcijpj2z2a").unwrap();
-        assert_eq!(
-            uri.as_str(),
-            "at://alice.test/app.bsky.feed.post/3jzfcijpj2z2a"
-        );
+        assert_eq!(uri.as_str(), "at://alice.test/app.bsky.feed.post/3jzfcijpj2z2a");
         assert_eq!(uri.authority().as_handle().unwrap().as_str(), "alice.test");
         assert_eq!(uri.collection().unwrap().as_str(), "app.bsky.feed.post");
         assert_eq!(uri.rkey().unwrap().as_str(), "3jzfcijpj2z2a");
@@ -965,18 +883,9 @@ mod tests {
 
     #[test]
     fn tid_round_trip() {
-        for (micros, clock_id) in [
-            (0, 0),
-            (1, 1),
-            (1_700_000_000_000_000, 1023),
-            (TID_MICROS_MASK, 7),
-        ] {
+        for (micros, clock_id) in [(0, 0), (1, 1), (1_700_000_000_000_000, 1023), (TID_MICROS_MASK, 7)] {
             let tid = Tid::from_parts(micros, clock_id);
-            assert_eq!(
-                Tid::new(tid.as_str()).unwrap(),
-                tid,
-                "from_parts output validates"
-            );
+            assert_eq!(Tid::new(tid.as_str()).unwrap(), tid, "from_parts output validates");
             assert_eq!((tid.timestamp_micros(), tid.clock_id()), (micros, clock_id));
         }
         assert_eq!(Tid::from_parts(0, 0).as_str(), "2222222222222");
@@ -995,12 +904,7 @@ mod tests {
         assert!(tids.iter().all(|t| t.clock_id() == 5));
         // Clock moving forwards is followed exactly; stalls advance by 1µs.
         let micros: Vec<u64> = tids.iter().map(Tid::timestamp_micros).collect();
-        assert_eq!(
-            micros,
-            [
-                1_000, 1_001, 1_002, 2_000, 2_001, 2_002, 2_003, 2_004, 3_000
-            ]
-        );
+        assert_eq!(micros, [1_000, 1_001, 1_002, 2_000, 2_001, 2_002, 2_003, 2_004, 3_000]);
     }
 
     #[test]
@@ -1032,9 +936,6 @@ mod tests {
         let a = Datetime::new("2024-01-01T10:00:00+05:00").unwrap();
         let b = Datetime::new("2024-01-01T06:00:00Z").unwrap();
         assert!(a < b);
-        assert_eq!(
-            a.offset_datetime(),
-            time::macros::datetime!(2024-01-01 05:00 UTC)
-        );
+        assert_eq!(a.offset_datetime(), time::macros::datetime!(2024-01-01 05:00 UTC));
     }
 }

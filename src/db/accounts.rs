@@ -27,17 +27,11 @@ macro_rules! select_account {
 
 impl Db {
     pub async fn account_by_did(&self, did: &str) -> Result<Option<AccountRow>, sqlx::Error> {
-        sqlx::query_as(select_account!("WHERE did = ?"))
-            .bind(did)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as(select_account!("WHERE did = ?")).bind(did).fetch_optional(&self.pool).await
     }
 
     pub async fn account_by_handle(&self, handle: &str) -> Result<Option<AccountRow>, sqlx::Error> {
-        sqlx::query_as(select_account!("WHERE handle = ?"))
-            .bind(handle)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as(select_account!("WHERE handle = ?")).bind(handle).fetch_optional(&self.pool).await
     }
 
     pub async fn account_by_email(&self, email: &str) -> Result<Option<AccountRow>, sqlx::Error> {
@@ -69,13 +63,11 @@ impl Db {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<AccountRow>, sqlx::Error> {
-        sqlx::query_as(select_account!(
-            "WHERE status != 'pending' AND did > ? ORDER BY did LIMIT ?"
-        ))
-        .bind(after.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
+        sqlx::query_as(select_account!("WHERE status != 'pending' AND did > ? ORDER BY did LIMIT ?"))
+            .bind(after.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
     }
 }
 

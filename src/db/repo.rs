@@ -73,25 +73,17 @@ impl Db {
             .bind(cid.to_bytes())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| r.try_get::<Vec<u8>, _>("data").map(Arc::from))
-            .transpose()
+        row.map(|r| r.try_get::<Vec<u8>, _>("data").map(Arc::from)).transpose()
     }
 
-    pub async fn record(
-        &self,
-        did: &str,
-        collection: &str,
-        rkey: &str,
-    ) -> Result<Option<Cid>, sqlx::Error> {
-        let row =
-            sqlx::query("SELECT cid FROM record WHERE did = ? AND collection = ? AND rkey = ?")
-                .bind(did)
-                .bind(collection)
-                .bind(rkey)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(|r| cid_from_bytes(r.try_get::<&[u8], _>("cid")?))
-            .transpose()
+    pub async fn record(&self, did: &str, collection: &str, rkey: &str) -> Result<Option<Cid>, sqlx::Error> {
+        let row = sqlx::query("SELECT cid FROM record WHERE did = ? AND collection = ? AND rkey = ?")
+            .bind(did)
+            .bind(collection)
+            .bind(rkey)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| cid_from_bytes(r.try_get::<&[u8], _>("cid")?)).transpose()
     }
 
     /// A page of records of one collection, by record key.
@@ -117,13 +109,8 @@ impl Db {
             // Record keys are printable ASCII, all below U+FFFF.
             (None, false) => "\u{ffff}".to_owned(),
         };
-        let rows = sqlx::query(sql)
-            .bind(did)
-            .bind(collection)
-            .bind(bound)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query(sql).bind(did).bind(collection).bind(bound).bind(limit).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 Ok(RecordRow {
@@ -136,12 +123,10 @@ impl Db {
     }
 
     pub async fn collections(&self, did: &str) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT DISTINCT collection FROM record WHERE did = ? ORDER BY collection",
-        )
-        .bind(did)
-        .fetch_all(&self.pool)
-        .await
+        sqlx::query_scalar("SELECT DISTINCT collection FROM record WHERE did = ? ORDER BY collection")
+            .bind(did)
+            .fetch_all(&self.pool)
+            .await
     }
 
     /// Persists a commit: blocks in and out, record index, new root. The root
@@ -181,11 +166,7 @@ impl Db {
             .fetch(&mut *tx);
         while let Some(row) = rows.try_next().await? {
             let cid = cid_from_bytes(row.try_get::<&[u8], _>("cid")?)?;
-            if sink
-                .send(RepoItem::Block(cid, row.try_get("data")?))
-                .await
-                .is_err()
-            {
+            if sink.send(RepoItem::Block(cid, row.try_get("data")?)).await.is_err() {
                 break;
             }
         }

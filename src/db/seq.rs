@@ -12,14 +12,13 @@ pub(crate) async fn append_event(
     kind: &str,
     build: impl FnOnce(i64) -> anyhow::Result<Vec<u8>>,
 ) -> anyhow::Result<(i64, Vec<u8>)> {
-    let seq =
-        sqlx::query("INSERT INTO seq_event (did, kind, frame, created_at) VALUES (?, ?, x'', ?)")
-            .bind(did)
-            .bind(kind)
-            .bind(now_unix())
-            .execute(&mut *conn)
-            .await?
-            .last_insert_rowid();
+    let seq = sqlx::query("INSERT INTO seq_event (did, kind, frame, created_at) VALUES (?, ?, x'', ?)")
+        .bind(did)
+        .bind(kind)
+        .bind(now_unix())
+        .execute(&mut *conn)
+        .await?
+        .last_insert_rowid();
     let frame = build(seq)?;
     sqlx::query("UPDATE seq_event SET frame = ? WHERE seq = ?")
         .bind(frame.as_slice())
@@ -31,20 +30,13 @@ pub(crate) async fn append_event(
 
 impl Db {
     /// Up to `limit` events after `cursor`, oldest first.
-    pub async fn events_after(
-        &self,
-        cursor: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
-        let rows =
-            sqlx::query("SELECT seq, frame FROM seq_event WHERE seq > ? ORDER BY seq LIMIT ?")
-                .bind(cursor)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("seq")?, r.try_get("frame")?)))
-            .collect()
+    pub async fn events_after(&self, cursor: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT seq, frame FROM seq_event WHERE seq > ? ORDER BY seq LIMIT ?")
+            .bind(cursor)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("seq")?, r.try_get("frame")?))).collect()
     }
 
     /// The lowest and highest retained sequence numbers, and the highest ever

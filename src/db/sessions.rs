@@ -25,10 +25,7 @@ pub enum Rotation {
     /// First use: the successor was stored.
     Rotated,
     /// A retry within the grace window: reuse this successor.
-    Replayed {
-        next_id: String,
-        next_expires_at: i64,
-    },
+    Replayed { next_id: String, next_expires_at: i64 },
     /// Unknown, expired, or reused after the grace window (session revoked).
     Rejected(&'static str),
 }
@@ -67,20 +64,14 @@ impl Db {
     }
 
     pub async fn delete_session(&self, id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM session WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        sqlx::query("DELETE FROM session WHERE id = ?").bind(id).execute(&self.pool).await.map(|_| ())
     }
 
     pub async fn refresh_token(&self, id: &str) -> Result<Option<RefreshRow>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT id, session_id, expires_at, used_at, next_id FROM refresh_token WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
+        sqlx::query_as("SELECT id, session_id, expires_at, used_at, next_id FROM refresh_token WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     /// Consumes refresh token `id` and records `next_id` as its successor, in
@@ -115,18 +106,12 @@ impl Db {
                 .fetch_optional(&mut *tx)
                 .await?;
                 return Ok(match next_row {
-                    Some(n) => Rotation::Replayed {
-                        next_id: n.id,
-                        next_expires_at: n.expires_at,
-                    },
+                    Some(n) => Rotation::Replayed { next_id: n.id, next_expires_at: n.expires_at },
                     None => Rotation::Rejected("Token has been revoked"),
                 });
             }
             // Reuse after the grace window: assume theft, end the session.
-            sqlx::query("DELETE FROM session WHERE id = ?")
-                .bind(&row.session_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("DELETE FROM session WHERE id = ?").bind(&row.session_id).execute(&mut *tx).await?;
             tx.commit().await?;
             return Ok(Rotation::Rejected("Token has been revoked"));
         }

@@ -19,17 +19,8 @@ pub struct XrpcError {
 }
 
 impl XrpcError {
-    pub fn new(
-        status: StatusCode,
-        error: &'static str,
-        message: impl Into<Cow<'static, str>>,
-    ) -> Self {
-        XrpcError {
-            status,
-            error,
-            message: message.into(),
-            source: None,
-        }
+    pub fn new(status: StatusCode, error: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        XrpcError { status, error, message: message.into(), source: None }
     }
 
     pub fn invalid_request(message: impl Into<Cow<'static, str>>) -> Self {
@@ -108,6 +99,9 @@ impl From<RepoError> for XrpcError {
         match e {
             RepoError::InvalidSwap(m) => XrpcError::lexicon("InvalidSwap", m),
             RepoError::InvalidRequest(m) => XrpcError::invalid_request(m),
+            RepoError::BlobNotFound(cid) => {
+                XrpcError::lexicon("BlobNotFound", format!("Could not find blob: {cid}"))
+            }
             RepoError::RepoNotFound(did) => {
                 XrpcError::lexicon("RepoNotFound", format!("Could not find repo: {did}"))
             }

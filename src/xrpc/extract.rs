@@ -20,13 +20,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for XrpcJson<T> {
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("application/json")
-            })
+            .map(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
             .unwrap_or(false);
         if !is_json {
             return Err(XrpcError::invalid_request(
@@ -34,19 +28,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for XrpcJson<T> {
             ));
         }
         let limit = state.config.max_json_bytes;
-        let body = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| {
-                if std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                {
-                    XrpcError::payload_too_large(format!(
-                        "Request body is larger than {limit} bytes"
-                    ))
-                } else {
-                    XrpcError::invalid_request(format!("Could not read request body: {e}"))
-                }
-            })?;
+        let body = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                XrpcError::payload_too_large(format!("Request body is larger than {limit} bytes"))
+            } else {
+                XrpcError::invalid_request(format!("Could not read request body: {e}"))
+            }
+        })?;
         serde_json::from_slice(&body)
             .map(XrpcJson)
             .map_err(|e| XrpcError::invalid_request(format!("Invalid request body: {e}")))
@@ -72,13 +60,9 @@ fn bearer(parts: &Parts) -> Result<&str, XrpcError> {
         .headers
         .get(AUTHORIZATION)
         .ok_or_else(|| XrpcError::auth_required("Authentication Required"))?;
-    let value = header
-        .to_str()
-        .map_err(|_| XrpcError::auth_required("Malformed authorization header"))?;
+    let value = header.to_str().map_err(|_| XrpcError::auth_required("Malformed authorization header"))?;
     match value.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
             Ok(token.trim())
         }
         _ => Err(XrpcError::auth_required("Unexpected authorization type")),
@@ -98,10 +82,7 @@ impl FromRequestParts<AppState> for Access {
         let info = state.tokens.verify_access(bearer(parts)?)?;
         // The session row is the revocation list: deleteSession ends access at once.
         match state.db.session(&info.id).await? {
-            Some(s) if s.did == info.did => Ok(Access {
-                did: info.did,
-                session_id: info.id,
-            }),
+            Some(s) if s.did == info.did => Ok(Access { did: info.did, session_id: info.id }),
             _ => Err(XrpcError::lexicon("InvalidToken", "Token has been revoked")),
         }
     }
@@ -119,9 +100,6 @@ impl FromRequestParts<AppState> for Refresh {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, XrpcError> {
         let info = state.tokens.verify_refresh(bearer(parts)?)?;
-        Ok(Refresh {
-            did: info.did,
-            token_id: info.id,
-        })
+        Ok(Refresh { did: info.did, token_id: info.id })
     }
 }

@@ -4,6 +4,7 @@
 //! The table in [`router`] is the index of the API: one line per method,
 //! NSID first. Handlers are thin: parse, call a service, map errors.
 
+mod blob;
 pub mod error;
 pub mod extract;
 mod repo;
@@ -29,27 +30,12 @@ const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
     let xrpc: Vec<(&str, MethodRouter<AppState>)> = vec![
-        (
-            "com.atproto.server.describeServer",
-            get(server::describe_server),
-        ),
-        (
-            "com.atproto.server.createSession",
-            post(server::create_session),
-        ),
+        ("com.atproto.server.describeServer", get(server::describe_server)),
+        ("com.atproto.server.createSession", post(server::create_session)),
         ("com.atproto.server.getSession", get(server::get_session)),
-        (
-            "com.atproto.server.refreshSession",
-            post(server::refresh_session),
-        ),
-        (
-            "com.atproto.server.deleteSession",
-            post(server::delete_session),
-        ),
-        (
-            "com.atproto.identity.resolveHandle",
-            get(sync::resolve_handle),
-        ),
+        ("com.atproto.server.refreshSession", post(server::refresh_session)),
+        ("com.atproto.server.deleteSession", post(server::delete_session)),
+        ("com.atproto.identity.resolveHandle", get(sync::resolve_handle)),
         ("com.atproto.repo.createRecord", post(repo::create_record)),
         ("com.atproto.repo.putRecord", post(repo::put_record)),
         ("com.atproto.repo.deleteRecord", post(repo::delete_record)),
@@ -58,18 +44,16 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.repo.listRecords", get(repo::list_records)),
         ("com.atproto.repo.describeRepo", get(repo::describe_repo)),
         ("com.atproto.sync.getRepo", get(sync::get_repo)),
-        (
-            "com.atproto.sync.getLatestCommit",
-            get(sync::get_latest_commit),
-        ),
+        ("com.atproto.sync.getLatestCommit", get(sync::get_latest_commit)),
         ("com.atproto.sync.getRecord", get(sync::get_record)),
         ("com.atproto.sync.getBlocks", get(sync::get_blocks)),
         ("com.atproto.sync.getRepoStatus", get(sync::get_repo_status)),
         ("com.atproto.sync.listRepos", get(sync::list_repos)),
-        (
-            "com.atproto.sync.subscribeRepos",
-            get(subscribe::subscribe_repos),
-        ),
+        ("com.atproto.sync.subscribeRepos", get(subscribe::subscribe_repos)),
+        ("com.atproto.repo.uploadBlob", post(blob::upload_blob)),
+        ("com.atproto.repo.listMissingBlobs", get(blob::list_missing_blobs)),
+        ("com.atproto.sync.getBlob", get(blob::get_blob)),
+        ("com.atproto.sync.listBlobs", get(blob::list_blobs)),
     ];
     let mut router = Router::new()
         .route("/", get(banner))
@@ -89,8 +73,7 @@ pub fn router(state: AppState) -> Router {
         };
         router = router.route(
             &format!("/xrpc/{nsid}"),
-            method_router
-                .fallback(move |method: Method| async move { wrong_method(method, expected) }),
+            method_router.fallback(move |method: Method| async move { wrong_method(method, expected) }),
         );
     }
     router
@@ -105,9 +88,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn wrong_method(method: Method, expected: Method) -> XrpcError {
-    XrpcError::invalid_request(format!(
-        "Incorrect HTTP method ({method}) expected {expected}"
-    ))
+    XrpcError::invalid_request(format!("Incorrect HTTP method ({method}) expected {expected}"))
 }
 
 async fn unknown_method(Path(nsid): Path<String>) -> XrpcError {
@@ -136,9 +117,7 @@ async fn robots() -> &'static str {
 /// Touches the database so a wedged server reports unhealthy.
 async fn health(State(state): State<AppState>) -> Response {
     match state.db.ping().await {
-        Ok(()) => {
-            axum::Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })).into_response()
-        }
+        Ok(()) => axum::Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "health check failed");
             (
@@ -152,21 +131,12 @@ async fn health(State(state): State<AppState>) -> Response {
 
 /// `/.well-known/atproto-did` for a handle hosted here, chosen by Host.
 async fn well_known_did(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let host = headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.chars().all(|c| c.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
-    });
+    let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = host
+        .rsplit_once(':')
+        .map_or(host, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { host });
     match state.db.account_by_handle(&host.to_ascii_lowercase()).await {
-        Ok(Some(a)) if a.status == "active" => {
-            ([(CONTENT_TYPE, "text/plain")], a.did).into_response()
-        }
+        Ok(Some(a)) if a.status == "active" => ([(CONTENT_TYPE, "text/plain")], a.did).into_response(),
         Ok(_) => (StatusCode::NOT_FOUND, "User not found").into_response(),
         Err(e) => XrpcError::from(e).into_response(),
     }

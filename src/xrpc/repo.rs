@@ -29,9 +29,7 @@ pub(super) async fn local_account(state: &AppState, repo: &str) -> XrpcResult<Ac
     };
     match account {
         Some(a) if a.status != "pending" => Ok(a),
-        _ => Err(XrpcError::invalid_request(format!(
-            "Could not find repo: {repo}"
-        ))),
+        _ => Err(XrpcError::invalid_request(format!("Could not find repo: {repo}"))),
     }
 }
 
@@ -39,15 +37,10 @@ pub(super) async fn local_account(state: &AppState, repo: &str) -> XrpcResult<Ac
 async fn writable_repo(state: &AppState, auth: &Access, repo: &str) -> XrpcResult<AccountRow> {
     let account = local_account(state, repo).await?;
     if account.did != auth.did {
-        return Err(XrpcError::auth_required(
-            "Not authorized to write to this repo",
-        ));
+        return Err(XrpcError::auth_required("Not authorized to write to this repo"));
     }
     if account.status != "active" {
-        return Err(XrpcError::lexicon(
-            "AccountDeactivated",
-            "Account is not active",
-        ));
+        return Err(XrpcError::lexicon("AccountDeactivated", "Account is not active"));
     }
     Ok(account)
 }
@@ -66,13 +59,11 @@ fn parse_cid(s: &str, what: &str) -> XrpcResult<Cid> {
 
 /// Converts a record from JSON and checks its `$type` names the collection.
 fn parse_record(collection: &Nsid, value: &Value) -> XrpcResult<Ipld> {
-    let record = record_from_json(value)
-        .map_err(|e| XrpcError::invalid_request(format!("Invalid record: {e}")))?;
+    let record =
+        record_from_json(value).map_err(|e| XrpcError::invalid_request(format!("Invalid record: {e}")))?;
     match value.get("$type").and_then(Value::as_str) {
         Some(t) if t == collection.as_str() => Ok(record),
-        Some(t) => Err(XrpcError::invalid_request(format!(
-            "Invalid $type: expected {collection}, got {t}"
-        ))),
+        Some(t) => Err(XrpcError::invalid_request(format!("Invalid $type: expected {collection}, got {t}"))),
         None => Err(XrpcError::invalid_request("Record/$type must be a string")),
     }
 }
@@ -82,9 +73,7 @@ fn at_uri(did: &str, collection: &Nsid, rkey: &RecordKey) -> String {
 }
 
 fn commit_json(commit: &Option<CommitInfo>) -> Option<Value> {
-    commit
-        .as_ref()
-        .map(|c| json!({ "cid": c.cid.to_string(), "rev": c.rev }))
+    commit.as_ref().map(|c| json!({ "cid": c.cid.to_string(), "rev": c.rev }))
 }
 
 fn with_commit(mut out: Value, commit: &Option<CommitInfo>) -> Value {
@@ -100,14 +89,20 @@ async fn apply(
     writes: Vec<Write>,
     swap_commit: Option<&str>,
 ) -> XrpcResult<ApplyOutcome> {
-    let swap_commit = swap_commit
-        .map(|s| parse_cid(s, "swapCommit"))
-        .transpose()?;
+    let swap_commit = swap_commit.map(|s| parse_cid(s, "swapCommit")).transpose()?;
     let key = state.keys.repo_key(&account.did)?;
-    Ok(state
-        .repo
-        .apply_writes(&account.did, &key, writes, swap_commit)
-        .await?)
+    let outcome = state.repo.apply_writes(&account.did, &key, writes, swap_commit).await?;
+    if outcome.released_blobs {
+        // Large-store objects of released blobs go right after the commit;
+        // the queue survives a crash and the sweeper retries.
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = state.blobs.process_deletions().await {
+                tracing::warn!(error = %e, "deleting released blobs failed");
+            }
+        });
+    }
+    Ok(outcome)
 }
 
 #[derive(Deserialize)]
@@ -135,18 +130,12 @@ pub async fn create_record(
         None => parse_rkey(state.repo.next_tid(None).as_str())?,
     };
     let value = parse_record(&collection, &input.record)?;
-    let write = Write::Create {
-        collection: collection.clone(),
-        rkey: rkey.clone(),
-        value,
-    };
+    let write = Write::Create { collection: collection.clone(), rkey: rkey.clone(), value };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
     let cid = match outcome.results.first() {
         Some(WriteResult::Create { cid, .. }) => *cid,
         _ => {
-            return Err(XrpcError::internal(anyhow::anyhow!(
-                "createRecord produced no result"
-            )));
+            return Err(XrpcError::internal(anyhow::anyhow!("createRecord produced no result")));
         }
     };
     Ok(Json(with_commit(
@@ -165,9 +154,7 @@ fn swap_from(field: &Option<Value>) -> XrpcResult<Swap> {
         None => Ok(Swap::Any),
         Some(Value::Null) => Ok(Swap::MustNotExist),
         Some(Value::String(s)) => Ok(Swap::Is(parse_cid(s, "swapRecord")?)),
-        Some(_) => Err(XrpcError::invalid_request(
-            "swapRecord must be a CID string or null",
-        )),
+        Some(_) => Err(XrpcError::invalid_request("swapRecord must be a CID string or null")),
     }
 }
 
@@ -201,19 +188,12 @@ pub async fn put_record(
     let rkey = parse_rkey(&input.rkey)?;
     let value = parse_record(&collection, &input.record)?;
     let swap = swap_from(&input.swap_record)?;
-    let write = Write::Update {
-        collection: collection.clone(),
-        rkey: rkey.clone(),
-        value,
-        swap,
-    };
+    let write = Write::Update { collection: collection.clone(), rkey: rkey.clone(), value, swap };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
     let cid = match outcome.results.first() {
         Some(WriteResult::Create { cid, .. } | WriteResult::Update { cid, .. }) => *cid,
         _ => {
-            return Err(XrpcError::internal(anyhow::anyhow!(
-                "putRecord produced no result"
-            )));
+            return Err(XrpcError::internal(anyhow::anyhow!("putRecord produced no result")));
         }
     };
     Ok(Json(with_commit(
@@ -247,11 +227,8 @@ pub async fn delete_record(
         Some(s) => Swap::Is(parse_cid(s, "swapRecord")?),
         None => Swap::Any,
     };
-    let write = Write::Delete {
-        collection: parse_nsid(&input.collection)?,
-        rkey: parse_rkey(&input.rkey)?,
-        swap,
-    };
+    let write =
+        Write::Delete { collection: parse_nsid(&input.collection)?, rkey: parse_rkey(&input.rkey)?, swap };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
     Ok(Json(with_commit(json!({}), &outcome.commit)))
 }
@@ -260,17 +237,9 @@ pub async fn delete_record(
 #[serde(tag = "$type")]
 enum WriteInput {
     #[serde(rename = "com.atproto.repo.applyWrites#create")]
-    Create {
-        collection: String,
-        rkey: Option<String>,
-        value: Value,
-    },
+    Create { collection: String, rkey: Option<String>, value: Value },
     #[serde(rename = "com.atproto.repo.applyWrites#update")]
-    Update {
-        collection: String,
-        rkey: String,
-        value: Value,
-    },
+    Update { collection: String, rkey: String, value: Value },
     #[serde(rename = "com.atproto.repo.applyWrites#delete")]
     Delete { collection: String, rkey: String },
 }
@@ -293,43 +262,24 @@ pub async fn apply_writes(
 ) -> XrpcResult<Json<Value>> {
     let account = writable_repo(&state, &auth, &input.repo).await?;
     if input.writes.len() > MAX_WRITES {
-        return Err(XrpcError::invalid_request(format!(
-            "Too many writes. Max: {MAX_WRITES}"
-        )));
+        return Err(XrpcError::invalid_request(format!("Too many writes. Max: {MAX_WRITES}")));
     }
     let mut writes = Vec::with_capacity(input.writes.len());
     for w in &input.writes {
         writes.push(match w {
-            WriteInput::Create {
-                collection,
-                rkey,
-                value,
-            } => {
+            WriteInput::Create { collection, rkey, value } => {
                 let collection = parse_nsid(collection)?;
                 let rkey = match rkey {
                     Some(r) => parse_rkey(r)?,
                     None => parse_rkey(state.repo.next_tid(None).as_str())?,
                 };
                 let value = parse_record(&collection, value)?;
-                Write::Create {
-                    collection,
-                    rkey,
-                    value,
-                }
+                Write::Create { collection, rkey, value }
             }
-            WriteInput::Update {
-                collection,
-                rkey,
-                value,
-            } => {
+            WriteInput::Update { collection, rkey, value } => {
                 let collection = parse_nsid(collection)?;
                 let value = parse_record(&collection, value)?;
-                Write::Update {
-                    collection,
-                    rkey: parse_rkey(rkey)?,
-                    value,
-                    swap: Swap::Any,
-                }
+                Write::Update { collection, rkey: parse_rkey(rkey)?, value, swap: Swap::Any }
             }
             WriteInput::Delete { collection, rkey } => Write::Delete {
                 collection: parse_nsid(collection)?,
@@ -343,21 +293,13 @@ pub async fn apply_writes(
         .results
         .iter()
         .map(|r| match r {
-            WriteResult::Create {
-                collection,
-                rkey,
-                cid,
-            } => json!({
+            WriteResult::Create { collection, rkey, cid } => json!({
                 "$type": "com.atproto.repo.applyWrites#createResult",
                 "uri": at_uri(&account.did, collection, rkey),
                 "cid": cid.to_string(),
                 "validationStatus": "unknown",
             }),
-            WriteResult::Update {
-                collection,
-                rkey,
-                cid,
-            } => json!({
+            WriteResult::Update { collection, rkey, cid } => json!({
                 "$type": "com.atproto.repo.applyWrites#updateResult",
                 "uri": at_uri(&account.did, collection, rkey),
                 "cid": cid.to_string(),
@@ -366,10 +308,7 @@ pub async fn apply_writes(
             WriteResult::Delete => json!({ "$type": "com.atproto.repo.applyWrites#deleteResult" }),
         })
         .collect();
-    Ok(Json(with_commit(
-        json!({ "results": results }),
-        &outcome.commit,
-    )))
+    Ok(Json(with_commit(json!({ "results": results }), &outcome.commit)))
 }
 
 #[derive(Deserialize)]
@@ -400,10 +339,7 @@ pub async fn get_record(
     let collection = parse_nsid(&p.collection)?;
     let rkey = parse_rkey(&p.rkey)?;
     let uri = at_uri(&account.did, &collection, &rkey);
-    let found = state
-        .db
-        .record(&account.did, collection.as_str(), rkey.as_str())
-        .await?;
+    let found = state.db.record(&account.did, collection.as_str(), rkey.as_str()).await?;
     let wanted = p.cid.as_deref().map(|c| parse_cid(c, "cid")).transpose()?;
     match found {
         Some(cid) if wanted.is_none_or(|w| w == cid) => Ok(Json(json!({
@@ -411,10 +347,7 @@ pub async fn get_record(
             "cid": cid.to_string(),
             "value": record_value(&state, &account.did, &cid).await?,
         }))),
-        _ => Err(XrpcError::lexicon(
-            "RecordNotFound",
-            format!("Could not locate record: {uri}"),
-        )),
+        _ => Err(XrpcError::lexicon("RecordNotFound", format!("Could not locate record: {uri}"))),
     }
 }
 
@@ -432,9 +365,7 @@ pub(super) fn parse_limit(raw: Option<&str>, default: i64, max: i64) -> XrpcResu
         None => Ok(default),
         Some(s) => match i64::from_str(s) {
             Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(XrpcError::invalid_request(format!(
-                "limit must be an integer between 1 and {max}"
-            ))),
+            _ => Err(XrpcError::invalid_request(format!("limit must be an integer between 1 and {max}"))),
         },
     }
 }
@@ -443,9 +374,7 @@ pub(super) fn parse_bool(raw: Option<&str>, name: &str) -> XrpcResult<bool> {
     match raw {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
-        Some(_) => Err(XrpcError::invalid_request(format!(
-            "{name} must be true or false"
-        ))),
+        Some(_) => Err(XrpcError::invalid_request(format!("{name} must be true or false"))),
     }
 }
 
@@ -458,16 +387,8 @@ pub async fn list_records(
     let collection = parse_nsid(&p.collection)?;
     let limit = parse_limit(p.limit.as_deref(), 50, 100)?;
     let reverse = parse_bool(p.reverse.as_deref(), "reverse")?;
-    let rows = state
-        .db
-        .list_records(
-            &account.did,
-            collection.as_str(),
-            p.cursor.as_deref(),
-            limit,
-            reverse,
-        )
-        .await?;
+    let rows =
+        state.db.list_records(&account.did, collection.as_str(), p.cursor.as_deref(), limit, reverse).await?;
     let mut records = Vec::with_capacity(rows.len());
     for row in &rows {
         records.push(json!({

@@ -51,10 +51,7 @@ pub async fn create_session(
     };
     // Hash even when the account is unknown, so timing does not reveal which
     // identifiers exist.
-    let hash = account
-        .as_ref()
-        .map(|a| a.password_hash.as_str())
-        .unwrap_or(DUMMY_HASH.as_str());
+    let hash = account.as_ref().map(|a| a.password_hash.as_str()).unwrap_or(DUMMY_HASH.as_str());
     let password = input.password;
     let hash_owned = hash.to_owned();
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash_owned))
@@ -65,27 +62,17 @@ pub async fn create_session(
         _ => return Err(XrpcError::auth_required("Invalid identifier or password")),
     };
     if account.status == "takendown" {
-        return Err(
-            XrpcError::auth_required("Account has been taken down").with_name("AccountTakedown")
-        );
+        return Err(XrpcError::auth_required("Account has been taken down").with_name("AccountTakedown"));
     }
     let session_id = auth::random_id();
     let refresh_id = auth::random_id();
     let refresh_expires = now_unix() + REFRESH_LIFETIME.as_secs() as i64;
     state
         .db
-        .create_session(
-            &session_id,
-            &account.did,
-            auth::SCOPE_ACCESS,
-            &refresh_id,
-            refresh_expires,
-        )
+        .create_session(&session_id, &account.did, auth::SCOPE_ACCESS, &refresh_id, refresh_expires)
         .await?;
     let access_jwt = state.tokens.access_token(&account.did, &session_id)?;
-    let refresh_jwt = state
-        .tokens
-        .refresh_token(&account.did, &refresh_id, refresh_expires)?;
+    let refresh_jwt = state.tokens.refresh_token(&account.did, &refresh_id, refresh_expires)?;
     let mut out = session_view(&state, &account)?;
     out["accessJwt"] = json!(access_jwt);
     out["refreshJwt"] = json!(refresh_jwt);
@@ -116,11 +103,7 @@ fn session_view(state: &AppState, account: &AccountRow) -> XrpcResult<Value> {
 }
 
 async fn account_for(state: &AppState, did: &str) -> XrpcResult<AccountRow> {
-    state
-        .db
-        .account_by_did(did)
-        .await?
-        .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Account not found"))
+    state.db.account_by_did(did).await?.ok_or_else(|| XrpcError::lexicon("InvalidToken", "Account not found"))
 }
 
 /// # `com.atproto.server.getSession`
@@ -130,42 +113,27 @@ pub async fn get_session(State(state): State<AppState>, auth: Access) -> XrpcRes
 }
 
 /// # `com.atproto.server.refreshSession`
-pub async fn refresh_session(
-    State(state): State<AppState>,
-    auth: Refresh,
-) -> XrpcResult<Json<Value>> {
+pub async fn refresh_session(State(state): State<AppState>, auth: Refresh) -> XrpcResult<Json<Value>> {
     let account = account_for(&state, &auth.did).await?;
     let next_id = auth::random_id();
     let next_expires = now_unix() + REFRESH_LIFETIME.as_secs() as i64;
     let grace = state.config.refresh_grace_seconds as i64;
-    let (next_id, next_expires) = match state
-        .db
-        .rotate_refresh_token(&auth.token_id, &next_id, next_expires, grace)
-        .await?
-    {
-        Rotation::Rotated => (next_id, next_expires),
-        Rotation::Replayed {
-            next_id,
-            next_expires_at,
-        } => (next_id, next_expires_at),
-        Rotation::Rejected(why) => {
-            let name = if why.contains("expired") {
-                "ExpiredToken"
-            } else {
-                "InvalidToken"
-            };
-            return Err(XrpcError::lexicon(name, why));
-        }
-    };
+    let (next_id, next_expires) =
+        match state.db.rotate_refresh_token(&auth.token_id, &next_id, next_expires, grace).await? {
+            Rotation::Rotated => (next_id, next_expires),
+            Rotation::Replayed { next_id, next_expires_at } => (next_id, next_expires_at),
+            Rotation::Rejected(why) => {
+                let name = if why.contains("expired") { "ExpiredToken" } else { "InvalidToken" };
+                return Err(XrpcError::lexicon(name, why));
+            }
+        };
     let row = state
         .db
         .refresh_token(&next_id)
         .await?
         .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Token has been revoked"))?;
     let access_jwt = state.tokens.access_token(&account.did, &row.session_id)?;
-    let refresh_jwt = state
-        .tokens
-        .refresh_token(&account.did, &next_id, next_expires)?;
+    let refresh_jwt = state.tokens.refresh_token(&account.did, &next_id, next_expires)?;
     let mut out = session_view(&state, &account)?;
     out["accessJwt"] = json!(access_jwt);
     out["refreshJwt"] = json!(refresh_jwt);
@@ -181,11 +149,7 @@ pub async fn delete_session(
     access: Result<Access, XrpcError>,
 ) -> XrpcResult<Json<Value>> {
     let session_id = match (refresh, access) {
-        (Ok(r), _) => state
-            .db
-            .refresh_token(&r.token_id)
-            .await?
-            .map(|t| t.session_id),
+        (Ok(r), _) => state.db.refresh_token(&r.token_id).await?.map(|t| t.session_id),
         (_, Ok(a)) => Some(a.session_id),
         (Err(e), Err(_)) => return Err(e),
     };

@@ -41,9 +41,7 @@ pub async fn subscribe_repos(
         Some(c) => match c.parse::<i64>() {
             Ok(n) if n >= 0 => Some(n),
             _ => {
-                return Err(XrpcError::invalid_request(
-                    "cursor must be a non-negative integer",
-                ));
+                return Err(XrpcError::invalid_request("cursor must be a non-negative integer"));
             }
         },
     };
@@ -128,11 +126,7 @@ async fn pump(
         }
         last = cursor;
         loop {
-            let page = state
-                .db
-                .events_after(last, REPLAY_PAGE)
-                .await
-                .map_err(internal)?;
+            let page = state.db.events_after(last, REPLAY_PAGE).await.map_err(internal)?;
             if page.is_empty() {
                 break;
             }

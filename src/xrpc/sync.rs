@@ -34,26 +34,16 @@ pub struct DidParam {
 
 async fn repo_account(state: &AppState, did: &str) -> XrpcResult<crate::db::accounts::AccountRow> {
     Did::new(did).map_err(|e| XrpcError::invalid_request(e.to_string()))?;
-    let account = local_account(state, did).await.map_err(|_| {
-        XrpcError::lexicon(
-            "RepoNotFound",
-            format!("Could not find repo for DID: {did}"),
-        )
-    })?;
+    let account = local_account(state, did)
+        .await
+        .map_err(|_| XrpcError::lexicon("RepoNotFound", format!("Could not find repo for DID: {did}")))?;
     match account.status.as_str() {
         "active" => Ok(account),
-        "takendown" => Err(XrpcError::lexicon(
-            "RepoTakendown",
-            format!("Repo has been takendown: {did}"),
-        )),
-        "deactivated" => Err(XrpcError::lexicon(
-            "RepoDeactivated",
-            format!("Repo has been deactivated: {did}"),
-        )),
-        _ => Err(XrpcError::lexicon(
-            "RepoNotFound",
-            format!("Could not find repo for DID: {did}"),
-        )),
+        "takendown" => Err(XrpcError::lexicon("RepoTakendown", format!("Repo has been takendown: {did}"))),
+        "deactivated" => {
+            Err(XrpcError::lexicon("RepoDeactivated", format!("Repo has been deactivated: {did}")))
+        }
+        _ => Err(XrpcError::lexicon("RepoNotFound", format!("Could not find repo for DID: {did}"))),
     }
 }
 
@@ -77,10 +67,8 @@ pub async fn get_repo(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<RepoItem>(64);
     let db = state.db.clone();
-    let producer = tokio::spawn(async move {
-        db.stream_repo_blocks(&account.did, p.since.as_deref(), tx)
-            .await
-    });
+    let producer =
+        tokio::spawn(async move { db.stream_repo_blocks(&account.did, p.since.as_deref(), tx).await });
     let blocks = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
         Ok::<_, std::io::Error>(Bytes::from(match item {
             RepoItem::Root(root) => car::encode_header(&[root.commit_cid]),
@@ -115,9 +103,7 @@ pub async fn get_latest_commit(
         .repo_root(&account.did)
         .await?
         .ok_or_else(|| XrpcError::lexicon("RepoNotFound", "Could not find root for DID"))?;
-    Ok(Json(
-        json!({ "cid": root.commit_cid.to_string(), "rev": root.rev }),
-    ))
+    Ok(Json(json!({ "cid": root.commit_cid.to_string(), "rev": root.rev })))
 }
 
 #[derive(Deserialize)]
@@ -140,10 +126,7 @@ pub async fn get_record(
         .map_err(|e| XrpcError::invalid_request(e.to_string()))?;
     crate::atp::syntax::RecordKey::new(p.rkey.as_str())
         .map_err(|e| XrpcError::invalid_request(e.to_string()))?;
-    let (commit, blocks) = state
-        .repo
-        .record_proof(&account.did, &p.collection, &p.rkey)
-        .await?;
+    let (commit, blocks) = state.repo.record_proof(&account.did, &p.collection, &p.rkey).await?;
     let mut out = car::encode_header(&[commit]);
     for (cid, data) in &blocks {
         out.extend(car::encode_block(cid, data));
@@ -152,25 +135,21 @@ pub async fn get_record(
 }
 
 /// # `com.atproto.sync.getBlocks`
-pub async fn get_blocks(
-    State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-) -> XrpcResult<Response> {
+pub async fn get_blocks(State(state): State<AppState>, RawQuery(query): RawQuery) -> XrpcResult<Response> {
     let query = query.unwrap_or_default();
     let mut did = None;
     let mut cids = Vec::new();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
             "did" => did = Some(v.into_owned()),
-            "cids" => cids.push(
-                Cid::from_str(&v).map_err(|e| XrpcError::invalid_request(format!("cids: {e}")))?,
-            ),
+            "cids" => {
+                cids.push(Cid::from_str(&v).map_err(|e| XrpcError::invalid_request(format!("cids: {e}")))?)
+            }
             _ => {}
         }
     }
-    let did = did.ok_or_else(|| {
-        XrpcError::invalid_request("Error: Params must have the property \"did\"")
-    })?;
+    let did =
+        did.ok_or_else(|| XrpcError::invalid_request("Error: Params must have the property \"did\""))?;
     if cids.len() > 1000 {
         return Err(XrpcError::invalid_request("Too many cids (max 1000)"));
     }
@@ -184,10 +163,7 @@ pub async fn get_blocks(
         }
     }
     if !missing.is_empty() {
-        return Err(XrpcError::invalid_request(format!(
-            "Could not find cids: {}",
-            missing.join(", ")
-        )));
+        return Err(XrpcError::invalid_request(format!("Could not find cids: {}", missing.join(", "))));
     }
     Ok(car_response(Body::from(out)))
 }
@@ -198,12 +174,9 @@ pub async fn get_repo_status(
     XrpcQuery(p): XrpcQuery<DidParam>,
 ) -> XrpcResult<Json<Value>> {
     Did::new(p.did.as_str()).map_err(|e| XrpcError::invalid_request(e.to_string()))?;
-    let account = local_account(&state, &p.did).await.map_err(|_| {
-        XrpcError::lexicon(
-            "RepoNotFound",
-            format!("Could not find repo for DID: {}", p.did),
-        )
-    })?;
+    let account = local_account(&state, &p.did)
+        .await
+        .map_err(|_| XrpcError::lexicon("RepoNotFound", format!("Could not find repo for DID: {}", p.did)))?;
     let active = account.status == "active";
     let mut out = json!({ "did": account.did, "active": active });
     if !active {
@@ -266,13 +239,9 @@ pub async fn resolve_handle(
     State(state): State<AppState>,
     XrpcQuery(p): XrpcQuery<ResolveHandleParams>,
 ) -> XrpcResult<Json<Value>> {
-    let handle =
-        Handle::new(p.handle.as_str()).map_err(|e| XrpcError::invalid_request(e.to_string()))?;
+    let handle = Handle::new(p.handle.as_str()).map_err(|e| XrpcError::invalid_request(e.to_string()))?;
     match state.db.account_by_handle(handle.as_str()).await? {
         Some(a) if a.status != "pending" => Ok(Json(json!({ "did": a.did }))),
-        _ => Err(XrpcError::lexicon(
-            "HandleNotFound",
-            "Unable to resolve handle",
-        )),
+        _ => Err(XrpcError::lexicon("HandleNotFound", "Unable to resolve handle")),
     }
 }
