@@ -35,10 +35,7 @@ fn value_for(key: &str, generation: u32) -> Cid {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
 #[derive(Debug, Clone)]

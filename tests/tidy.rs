@@ -20,14 +20,8 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 fn protocol_core_does_no_io() {
     let core = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/atp");
     let files = rust_files(&core);
-    assert!(
-        files.len() >= 7,
-        "expected the core modules under src/atp, found {}",
-        files.len()
-    );
-    let forbidden = [
-        "tokio", "sqlx", "axum", "reqwest", "hyper", "std::net", "std::fs",
-    ];
+    assert!(files.len() >= 7, "expected the core modules under src/atp, found {}", files.len());
+    let forbidden = ["tokio", "sqlx", "axum", "reqwest", "hyper", "std::net", "std::fs"];
     let mut offences = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).expect("source");
@@ -41,11 +35,7 @@ fn protocol_core_does_no_io() {
             }
         }
     }
-    assert!(
-        offences.is_empty(),
-        "I/O in the pure core:\n{}",
-        offences.join("\n")
-    );
+    assert!(offences.is_empty(), "I/O in the pure core:\n{}", offences.join("\n"));
 }
 
 #[test]
@@ -55,8 +45,7 @@ fn no_debug_macros_in_sources() {
     for file in rust_files(&src) {
         let text = std::fs::read_to_string(&file).expect("source");
         for (n, line) in text.lines().enumerate() {
-            if line.contains("dbg!(") || line.contains("todo!(") || line.contains("unimplemented!(")
-            {
+            if line.contains("dbg!(") || line.contains("todo!(") || line.contains("unimplemented!(") {
                 offences.push(format!("{}:{}", file.display(), n + 1));
             }
         }
