@@ -50,6 +50,11 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         std::fs::create_dir_all(&config.data_directory)
             .with_context(|| format!("creating data directory {}", config.data_directory.display()))?;
+        {
+            // The data directory holds keys and the database: owner only.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&config.data_directory, std::fs::Permissions::from_mode(0o700))?;
+        }
         let db = Db::open(&config.db_path()).await.context("opening the database")?;
         let keys = KeyStore::open(config.keys_dir(), config.rotation_key_hex.as_deref())?;
         let jwt_secret = match &config.jwt_secret {

@@ -285,7 +285,9 @@ impl Blobs {
 fn sniff_mime(head: &[u8], declared: Option<&str>) -> String {
     let found = match infer::get(head) {
         Some(kind) => kind.mime_type().to_owned(),
-        None => declared.map(|d| d.split(';').next().unwrap_or("").trim().to_ascii_lowercase()).unwrap_or_default(),
+        None => declared
+            .map(|d| d.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .unwrap_or_default(),
     };
     if found.is_empty() || !found.contains('/') || is_active_content(&found) {
         "application/octet-stream".to_owned()

@@ -230,7 +230,7 @@ impl RepoService {
         blocks.push((signed.cid, signed.bytes));
         let time = now_datetime();
         let _seq_guard = self.sequencer.write_lock().await;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         crate::db::repo::persist_commit_in(
             &mut tx,
             CommitWrite {
@@ -436,7 +436,7 @@ impl RepoService {
         let time = now_datetime();
 
         let _seq_guard = self.sequencer.write_lock().await;
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         crate::db::repo::persist_commit_in(
             &mut tx,
             CommitWrite {

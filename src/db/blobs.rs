@@ -124,7 +124,7 @@ impl Db {
     /// Deletes blobs never referenced and older than `cutoff`; large-store
     /// objects are queued for deletion in the same transaction.
     pub async fn sweep_unused_blobs(&self, cutoff: i64) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO blob_deletion (did, cid, tier, enqueued_at)
              SELECT did, cid, tier, ?1 FROM blob b

@@ -28,6 +28,14 @@ pub struct Db {
 
 impl Db {
     pub async fn open(path: &std::path::Path) -> anyhow::Result<Db> {
+        // Create the file owner-only before SQLite does: its -wal and -shm
+        // files copy the main file's permissions.
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -40,6 +48,13 @@ impl Db {
             SqlitePoolOptions::new().max_connections(8).min_connections(1).connect_with(options).await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Db { pool })
+    }
+
+    /// A write transaction that takes the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred one that reads first and writes later can fail
+    /// with SQLITE_BUSY at the upgrade, which the busy timeout does not cover.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     /// Touches the database (for the health check).

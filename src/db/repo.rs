@@ -133,7 +133,7 @@ impl Db {
     /// update is conditional on the previous commit, so a lost race fails
     /// instead of forking the repository.
     pub async fn persist_commit(&self, w: CommitWrite<'_>) -> Result<(), CommitPersistError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         persist_commit_in(&mut tx, w).await?;
         tx.commit().await?;
         Ok(())

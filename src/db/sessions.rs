@@ -39,7 +39,7 @@ impl Db {
         refresh_id: &str,
         refresh_expires_at: i64,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("INSERT INTO session (id, did, scope, created_at) VALUES (?, ?, ?, ?)")
             .bind(session_id)
             .bind(did)
@@ -84,7 +84,7 @@ impl Db {
         grace_seconds: i64,
     ) -> Result<Rotation, sqlx::Error> {
         let now = now_unix();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row: Option<RefreshRow> = sqlx::query_as(
             "SELECT id, session_id, expires_at, used_at, next_id FROM refresh_token WHERE id = ?",
         )
@@ -127,10 +127,12 @@ impl Db {
             .bind(next_expires_at)
             .execute(&mut *tx)
             .await?;
-        // Older links of the chain are no longer needed once a successor exists.
-        sqlx::query("DELETE FROM refresh_token WHERE session_id = ? AND used_at IS NOT NULL AND used_at < ?")
+        // Used tokens stay until they expire: a replay of any of them, however
+        // old, must be recognised as reuse (and revoke the session), not as an
+        // unknown token.
+        sqlx::query("DELETE FROM refresh_token WHERE session_id = ? AND expires_at < ?")
             .bind(&row.session_id)
-            .bind(now - grace_seconds)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

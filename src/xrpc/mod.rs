@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
@@ -83,6 +84,16 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             XrpcError::internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
+        // Browser clients (the Bluesky web app) call the PDS cross-origin with
+        // bearer tokens, never cookies, so any origin may; as the reference PDS.
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers(Any)
+                .expose_headers(Any)
+                .max_age(std::time::Duration::from_secs(24 * 60 * 60)),
+        )
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
