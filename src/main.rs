@@ -19,10 +19,29 @@ enum Command {
         #[arg(long)]
         dev: bool,
     },
+    /// Blob storage: statistics, and moving large blobs between stores.
+    Blobs {
+        #[command(subcommand)]
+        command: BlobsCommand,
+    },
     /// Ask the relays in PDS_CRAWLERS (or those given) to crawl this PDS now.
     Crawl {
         /// Relay hosts; defaults to PDS_CRAWLERS.
         relays: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlobsCommand {
+    /// Count and bytes of blobs per tier (sqlite, disk, s3).
+    Stats,
+    /// Move every large blob into another store (configure both first:
+    /// PDS_BLOBSTORE_DISK_LOCATION and the PDS_BLOBSTORE_S3_* settings).
+    /// Safe to interrupt and re-run: each blob's row moves only after its copy.
+    Migrate {
+        /// Target store.
+        #[arg(long, value_parser = ["s3", "disk"])]
+        to: String,
     },
 }
 
@@ -37,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve { dev } => serve(dev).await,
         Command::Crawl { relays } => crawl(relays).await,
+        Command::Blobs { command } => blobs(command).await,
     }
 }
 
@@ -88,5 +108,31 @@ async fn crawl(relays: Vec<String>) -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(failed == 0, "{failed} of {} relays refused", relays.len());
+    Ok(())
+}
+
+async fn blobs(command: BlobsCommand) -> anyhow::Result<()> {
+    let config = RawConfig::load()?.validate()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let db = roost::db::Db::open(&config.db_path()).await?;
+    match command {
+        BlobsCommand::Stats => {
+            println!("{:<8} {:>10} {:>16}", "tier", "blobs", "bytes");
+            for (tier, count, bytes) in db.blob_stats().await? {
+                println!("{tier:<8} {count:>10} {bytes:>16}");
+            }
+        }
+        BlobsCommand::Migrate { to } => {
+            let blobs = roost::blobs::Blobs::open(db, &config)?;
+            let from = if to == "s3" { "disk" } else { "s3" };
+            let moved = blobs.migrate(from, &to).await?;
+            println!("moved {moved} blobs from {from} to {to}");
+            if to == "s3" {
+                println!("keep PDS_BLOBSTORE_S3_BUCKET set so new large blobs go to S3 too");
+            } else {
+                println!("unset PDS_BLOBSTORE_S3_BUCKET so new large blobs go to disk too");
+            }
+        }
+    }
     Ok(())
 }

@@ -88,11 +88,21 @@ async fn serve(state: AppState, socket: WebSocket, cursor: Option<i64>, _slot: S
 type Sink = futures::stream::SplitSink<WebSocket, Message>;
 
 async fn send(sink: &mut Sink, frame: Bytes) -> Result<(), Stop> {
+    let len = frame.len() as u64;
     match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Binary(frame))).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => {
+            metrics::counter!("pds_firehose_frames_sent_total").increment(1);
+            metrics::counter!("pds_firehose_bytes_sent_total").increment(len);
+            Ok(())
+        }
         Ok(Err(_)) => Err(Stop(None)),
-        Err(_) => Err(Stop::error("ConsumerTooSlow", "Stream consumer too slow")),
+        Err(_) => Err(too_slow()),
     }
+}
+
+fn too_slow() -> Stop {
+    metrics::counter!("pds_firehose_slow_consumer_disconnects_total").increment(1);
+    Stop::error("ConsumerTooSlow", "Stream consumer too slow")
 }
 
 async fn pump(
@@ -146,14 +156,12 @@ async fn pump(
                     last = frame.seq;
                 }
                 Ok(_) => {}
-                Err(RecvError::Lagged(_)) => {
-                    return Err(Stop::error("ConsumerTooSlow", "Stream consumer too slow"));
-                }
+                Err(RecvError::Lagged(_)) => return Err(too_slow()),
                 Err(RecvError::Closed) => return Ok(()),
             },
             _ = ping.tick() => {
                 if tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Ping(Bytes::new()))).await.is_err() {
-                    return Err(Stop::error("ConsumerTooSlow", "Stream consumer too slow"));
+                    return Err(too_slow());
                 }
             }
             _ = &mut *closed => return Ok(()),
