@@ -33,6 +33,8 @@ pub struct Inner {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub http: reqwest::Client,
     pub blobs: crate::blobs::Blobs,
+    /// Lexicons records are validated against.
+    pub lexicons: crate::lexicon::Catalog,
 }
 
 impl std::ops::Deref for AppState {
@@ -78,6 +80,7 @@ impl App {
             shutdown: tokio::sync::watch::channel(false).0,
             http,
             blobs: crate::blobs::Blobs::open(db.clone(), &config)?,
+            lexicons: load_lexicons(config.lexicon_directory.as_deref())?,
             repo: RepoService::new(db.clone(), sequencer.clone()),
             sequencer,
             login_limiter: Default::default(),
@@ -147,6 +150,28 @@ async fn sweep_blobs(state: AppState) {
             tracing::warn!(error = %e, "deleting released blobs failed");
         }
     }
+}
+
+/// Loads every `*.json` lexicon under `dir` (recursively).
+fn load_lexicons(dir: Option<&std::path::Path>) -> anyhow::Result<crate::lexicon::Catalog> {
+    let mut catalog = crate::lexicon::Catalog::new();
+    let Some(dir) = dir else { return Ok(catalog) };
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path)?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                catalog.add_document(&json).with_context(|| format!("loading lexicon {}", path.display()))?;
+            }
+        }
+    }
+    tracing::info!(documents = catalog.len(), dir = %dir.display(), "loaded lexicons");
+    Ok(catalog)
 }
 
 /// Drops firehose events older than the retention window, hourly.

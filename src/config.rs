@@ -94,6 +94,11 @@ pub struct RawConfig {
     /// Uploaded blobs no record references are deleted after this
     /// (`PDS_BLOB_UNUSED_TTL_SECONDS`, default 3600).
     pub blob_unused_ttl_seconds: u64,
+    /// A directory of lexicon JSON documents to validate records against
+    /// (`PDS_LEXICON_DIRECTORY`, searched recursively). Records of collections
+    /// without a loaded lexicon are accepted as `validationStatus: "unknown"`.
+    #[serde(deserialize_with = "stringish")]
+    pub lexicon_directory: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -129,6 +134,7 @@ impl Default for RawConfig {
             blobstore_s3_access_key_id: None,
             blobstore_s3_secret_access_key: None,
             blob_unused_ttl_seconds: 3600,
+            lexicon_directory: None,
         }
     }
 }
@@ -176,6 +182,7 @@ pub struct Config {
     pub firehose_max_per_ip: usize,
     pub firehose_retention_hours: u64,
     pub blobstore: BlobstoreConfig,
+    pub lexicon_directory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +335,7 @@ impl RawConfig {
                 }),
                 unused_ttl_seconds: self.blob_unused_ttl_seconds,
             },
+            lexicon_directory: self.lexicon_directory.filter(|d| !d.is_empty()).map(PathBuf::from),
         })
     }
 }
@@ -381,6 +389,7 @@ impl Config {
                 s3: None,
                 unused_ttl_seconds: 3600,
             },
+            lexicon_directory: None,
             data_directory: data_dir,
             plc_url,
             jwt_secret: Some("test-secret-0123456789abcdef".into()),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod crawl;
 pub mod db;
 pub mod identity;
+pub mod lexicon;
 pub mod repo;
 pub mod sequencer;
 pub mod xrpc;

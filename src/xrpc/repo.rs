@@ -15,6 +15,7 @@ use crate::app::AppState;
 use crate::atp::data::{ipld_to_json, record_from_json};
 use crate::atp::syntax::{AtIdentifier, Nsid, RecordKey};
 use crate::db::accounts::AccountRow;
+use crate::lexicon::Validation;
 use crate::repo::{ApplyOutcome, CommitInfo, Swap, Write, WriteResult};
 
 /// Most writes accepted in one applyWrites call (the reference PDS's limit).
@@ -58,14 +59,44 @@ fn parse_cid(s: &str, what: &str) -> XrpcResult<Cid> {
 }
 
 /// Converts a record from JSON and checks its `$type` names the collection.
-fn parse_record(collection: &Nsid, value: &Value) -> XrpcResult<Ipld> {
+/// Converts a record from JSON, checks its `$type` names the collection, and
+/// validates it against the collection's lexicon as `validate` asks (the
+/// reference PDS's rules: unset validates known lexicons and lets unknown
+/// ones through; `true` requires a known lexicon; `false` skips).
+fn parse_record(
+    state: &AppState,
+    collection: &Nsid,
+    rkey: &RecordKey,
+    value: &Value,
+    validate: Option<bool>,
+) -> XrpcResult<(Ipld, Option<&'static str>)> {
     let record =
         record_from_json(value).map_err(|e| XrpcError::invalid_request(format!("Invalid record: {e}")))?;
     match value.get("$type").and_then(Value::as_str) {
-        Some(t) if t == collection.as_str() => Ok(record),
-        Some(t) => Err(XrpcError::invalid_request(format!("Invalid $type: expected {collection}, got {t}"))),
-        None => Err(XrpcError::invalid_request("Record/$type must be a string")),
+        Some(t) if t == collection.as_str() => {}
+        Some(t) => {
+            return Err(XrpcError::invalid_request(format!("Invalid $type: expected {collection}, got {t}")));
+        }
+        None => return Err(XrpcError::invalid_request("Record/$type must be a string")),
     }
+    if validate == Some(false) {
+        return Ok((record, None));
+    }
+    match state.lexicons.validate_record(collection.as_str(), rkey.as_str(), value) {
+        Ok(Validation::Valid) => Ok((record, Some("valid"))),
+        Ok(Validation::Unknown) if validate == Some(true) => {
+            Err(XrpcError::invalid_request(format!("Lexicon not found: lex:{collection}")))
+        }
+        Ok(Validation::Unknown) => Ok((record, Some("unknown"))),
+        Err(e) => Err(XrpcError::invalid_request(e.to_string())),
+    }
+}
+
+fn with_status(mut out: Value, status: Option<&'static str>) -> Value {
+    if let Some(s) = status {
+        out["validationStatus"] = json!(s);
+    }
+    out
 }
 
 fn at_uri(did: &str, collection: &Nsid, rkey: &RecordKey) -> String {
@@ -129,7 +160,7 @@ pub async fn create_record(
         Some(r) => parse_rkey(r)?,
         None => parse_rkey(state.repo.next_tid(None).as_str())?,
     };
-    let value = parse_record(&collection, &input.record)?;
+    let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate)?;
     let write = Write::Create { collection: collection.clone(), rkey: rkey.clone(), value };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
     let cid = match outcome.results.first() {
@@ -139,11 +170,10 @@ pub async fn create_record(
         }
     };
     Ok(Json(with_commit(
-        json!({
-            "uri": at_uri(&account.did, &collection, &rkey),
-            "cid": cid.to_string(),
-            "validationStatus": "unknown",
-        }),
+        with_status(
+            json!({ "uri": at_uri(&account.did, &collection, &rkey), "cid": cid.to_string() }),
+            status,
+        ),
         &outcome.commit,
     )))
 }
@@ -186,7 +216,7 @@ pub async fn put_record(
     let account = writable_repo(&state, &auth, &input.repo).await?;
     let collection = parse_nsid(&input.collection)?;
     let rkey = parse_rkey(&input.rkey)?;
-    let value = parse_record(&collection, &input.record)?;
+    let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate)?;
     let swap = swap_from(&input.swap_record)?;
     let write = Write::Update { collection: collection.clone(), rkey: rkey.clone(), value, swap };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
@@ -197,11 +227,10 @@ pub async fn put_record(
         }
     };
     Ok(Json(with_commit(
-        json!({
-            "uri": at_uri(&account.did, &collection, &rkey),
-            "cid": cid.to_string(),
-            "validationStatus": "unknown",
-        }),
+        with_status(
+            json!({ "uri": at_uri(&account.did, &collection, &rkey), "cid": cid.to_string() }),
+            status,
+        ),
         &outcome.commit,
     )))
 }
@@ -265,6 +294,7 @@ pub async fn apply_writes(
         return Err(XrpcError::invalid_request(format!("Too many writes. Max: {MAX_WRITES}")));
     }
     let mut writes = Vec::with_capacity(input.writes.len());
+    let mut statuses = Vec::with_capacity(input.writes.len());
     for w in &input.writes {
         writes.push(match w {
             WriteInput::Create { collection, rkey, value } => {
@@ -273,38 +303,49 @@ pub async fn apply_writes(
                     Some(r) => parse_rkey(r)?,
                     None => parse_rkey(state.repo.next_tid(None).as_str())?,
                 };
-                let value = parse_record(&collection, value)?;
+                let (value, status) = parse_record(&state, &collection, &rkey, value, input.validate)?;
+                statuses.push(status);
                 Write::Create { collection, rkey, value }
             }
             WriteInput::Update { collection, rkey, value } => {
                 let collection = parse_nsid(collection)?;
-                let value = parse_record(&collection, value)?;
-                Write::Update { collection, rkey: parse_rkey(rkey)?, value, swap: Swap::Any }
+                let rkey = parse_rkey(rkey)?;
+                let (value, status) = parse_record(&state, &collection, &rkey, value, input.validate)?;
+                statuses.push(status);
+                Write::Update { collection, rkey, value, swap: Swap::Any }
             }
-            WriteInput::Delete { collection, rkey } => Write::Delete {
-                collection: parse_nsid(collection)?,
-                rkey: parse_rkey(rkey)?,
-                swap: Swap::Any,
-            },
+            WriteInput::Delete { collection, rkey } => {
+                statuses.push(None);
+                Write::Delete {
+                    collection: parse_nsid(collection)?,
+                    rkey: parse_rkey(rkey)?,
+                    swap: Swap::Any,
+                }
+            }
         });
     }
     let outcome = apply(&state, &account, writes, input.swap_commit.as_deref()).await?;
     let results: Vec<Value> = outcome
         .results
         .iter()
-        .map(|r| match r {
-            WriteResult::Create { collection, rkey, cid } => json!({
-                "$type": "com.atproto.repo.applyWrites#createResult",
-                "uri": at_uri(&account.did, collection, rkey),
-                "cid": cid.to_string(),
-                "validationStatus": "unknown",
-            }),
-            WriteResult::Update { collection, rkey, cid } => json!({
-                "$type": "com.atproto.repo.applyWrites#updateResult",
-                "uri": at_uri(&account.did, collection, rkey),
-                "cid": cid.to_string(),
-                "validationStatus": "unknown",
-            }),
+        .zip(statuses)
+        .map(|(r, status)| match r {
+            WriteResult::Create { collection, rkey, cid } => with_status(
+                json!({
+                    "$type": "com.atproto.repo.applyWrites#createResult",
+                    "uri": at_uri(&account.did, collection, rkey),
+                    "cid": cid.to_string(),
+                }),
+                status,
+            ),
+            WriteResult::Update { collection, rkey, cid } => with_status(
+                json!({
+                    "$type": "com.atproto.repo.applyWrites#updateResult",
+                    "uri": at_uri(&account.did, collection, rkey),
+                    "cid": cid.to_string(),
+                }),
+                status,
+            ),
             WriteResult::Delete => json!({ "$type": "com.atproto.repo.applyWrites#deleteResult" }),
         })
         .collect();
