@@ -293,10 +293,10 @@ impl RawConfig {
             }
             None => None,
         };
-        if let Some(secret) = &self.jwt_secret {
-            if secret.len() < 16 {
-                return Err(err("PDS_JWT_SECRET must be at least 16 characters".into()));
-            }
+        if let Some(secret) = &self.jwt_secret
+            && secret.len() < 16
+        {
+            return Err(err("PDS_JWT_SECRET must be at least 16 characters".into()));
         }
         let data_directory = PathBuf::from(self.data_directory.unwrap_or_else(|| "./data".into()));
         Ok(Config {

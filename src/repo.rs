@@ -278,10 +278,10 @@ impl RepoService {
         let lock = self.lock_for(did);
         let _guard = lock.lock().await;
         let root = self.db.repo_root(did).await?.ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
-        if let Some(expected) = swap_commit {
-            if expected != root.commit_cid {
-                return Err(RepoError::InvalidSwap(format!("Commit was at {}", root.commit_cid)));
-            }
+        if let Some(expected) = swap_commit
+            && expected != root.commit_cid
+        {
+            return Err(RepoError::InvalidSwap(format!("Commit was at {}", root.commit_cid)));
         }
         let store = self.blocks(did);
         let mut editor = MstEditor::new(&store, root.data_cid);

@@ -176,10 +176,10 @@ impl Node {
                 _ => return Err(bad(format!("prefix length {p} exceeds previous key"))),
             };
             key.extend_from_slice(&raw.k);
-            if let Some(prev) = entries.last() {
-                if prev.key >= key {
-                    return Err(bad("keys out of order".into()));
-                }
+            if let Some(prev) = entries.last()
+                && prev.key >= key
+            {
+                return Err(bad("keys out of order".into()));
             }
             entries.push(Entry { key, value: raw.v, right: raw.t });
         }

@@ -439,10 +439,10 @@ pub async fn list_records(
         }));
     }
     let mut out = json!({ "records": records });
-    if rows.len() as i64 == limit {
-        if let Some(last) = rows.last() {
-            out["cursor"] = json!(last.rkey);
-        }
+    if rows.len() as i64 == limit
+        && let Some(last) = rows.last()
+    {
+        out["cursor"] = json!(last.rkey);
     }
     Ok(Json(out))
 }

@@ -218,10 +218,10 @@ pub async fn list_repos(
         repos.push(repo);
     }
     let mut out = json!({ "repos": repos });
-    if accounts.len() as i64 == limit {
-        if let Some(last) = accounts.last() {
-            out["cursor"] = json!(last.did);
-        }
+    if accounts.len() as i64 == limit
+        && let Some(last) = accounts.last()
+    {
+        out["cursor"] = json!(last.did);
     }
     Ok(Json(out))
 }
