@@ -159,6 +159,8 @@ impl Blobs {
         let cid = crate::atp::data::cid_for_raw_digest(&hasher.finalize().into()).to_string();
         let mime_type = sniff_mime(&head, declared_mime);
         if let Some(existing) = self.db.blob(did, &cid).await? {
+            // The caller is about to reference it: the unused TTL restarts.
+            self.db.touch_blob(did, &cid).await?;
             return Ok(existing);
         }
         let size_i64 = i64::try_from(size).map_err(|_| BlobError::TooLarge(self.upload_limit))?;
@@ -206,7 +208,9 @@ impl Blobs {
         let Some(row) = self.db.blob(did, cid).await? else { return Ok(None) };
         let size = u64::try_from(row.size).unwrap_or(0);
         let range = match range {
-            Some((start, end)) if start < size => Some((start, end.map_or(size, |e| (e + 1).min(size)))),
+            Some((start, end)) if start < size => {
+                Some((start, end.map_or(size, |e| e.saturating_add(1).min(size))))
+            }
             Some(_) => return Err(BlobError::Body("range not satisfiable".into())),
             None => None,
         };
@@ -236,7 +240,10 @@ impl Blobs {
                 return Ok(done);
             }
             for item in batch {
-                if let Some(store) = self.store_for(&item.tier) {
+                let live = self.db.blob(&item.did, &item.cid).await?.is_some_and(|r| r.tier == item.tier);
+                if live {
+                    // Uploaded again since it was released: the object is live.
+                } else if let Some(store) = self.store_for(&item.tier) {
                     match store.delete(&object_path(&item.did, &item.cid)).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                         Err(e) => return Err(e.into()),

@@ -335,6 +335,8 @@ impl RepoService {
                         if current.is_some() {
                             blob_cleared.push((collection.to_string(), rkey.to_string()));
                         }
+                        // A key written earlier in this batch loses those links.
+                        blob_added.retain(|(c, r, _)| !(c == collection.as_str() && r == rkey.as_str()));
                         self.check_blobs(did, &value, &collection, &rkey, &mut blob_added).await?;
                         record_blocks.push((cid, bytes));
                         upserts.push(RecordRow {

@@ -24,7 +24,13 @@ fn post(text: Value) -> Value {
     json!({ "$type": "app.bsky.feed.post", "text": text, "createdAt": "2026-11-25T12:00:00.000Z" })
 }
 
-async fn create(pds: &TestPds, access: &str, collection: &str, record: Value, validate: Option<bool>) -> (StatusCode, Value) {
+async fn create(
+    pds: &TestPds,
+    access: &str,
+    collection: &str,
+    record: Value,
+    validate: Option<bool>,
+) -> (StatusCode, Value) {
     let mut body = json!({ "repo": pds.did, "collection": collection, "record": record });
     if let Some(v) = validate {
         body["validate"] = json!(v);

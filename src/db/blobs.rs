@@ -45,6 +45,17 @@ impl Db {
             .map(Option::flatten)
     }
 
+    /// Restarts an unreferenced blob's unused TTL (it was uploaded again).
+    pub async fn touch_blob(&self, did: &str, cid: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE blob SET created_at = ? WHERE did = ? AND cid = ?")
+            .bind(now_unix())
+            .bind(did)
+            .bind(cid)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
     /// Records an uploaded blob; a second upload of the same bytes is a no-op.
     pub async fn insert_blob(
         &self,
