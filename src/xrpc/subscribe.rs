@@ -141,6 +141,10 @@ async fn pump(
                 break;
             }
             for (seq, frame) in page {
+                // A long replay must not hold up shutdown (or outlive a client).
+                if *shutdown.borrow() || closed.try_recv().is_ok() {
+                    return Ok(());
+                }
                 send(sink, Bytes::from(frame)).await?;
                 last = seq;
             }
