@@ -15,7 +15,7 @@
 //! Settings: `ROOST_BENCH_SIZES` (comma-separated record counts, default
 //! `10000,100000,1000000`), `ROOST_BENCH_EXPORT_SIZE` (default `100000`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use ipld_core::ipld::Ipld;
 
 use roost::atp::car;
 use roost::atp::commit;
-use roost::atp::data::cid_for_cbor;
+use roost::atp::data::{cid_for_cbor, decode_cbor_strict};
 use roost::atp::keys::{KeyAlgorithm, SigningKey};
 use roost::atp::mst::MstEditor;
 use roost::atp::syntax::{Nsid, RecordKey, Tid};
@@ -198,7 +198,51 @@ fn key_of(rkey: &str) -> String {
     format!("{COLLECTION}/{rkey}")
 }
 
+/// Criterion runs every group's setup even when a filter excludes all of
+/// its benchmarks; building fixtures is slow, so a filter that starts with
+/// another group's name (`mst`, `crypto`, `codec`, `car_export`) skips this setup.
+fn selected(group: &str) -> bool {
+    const GROUPS: [&str; 4] = ["mst", "crypto", "codec", "car_export"];
+    // Criterion options that take a value (the value is not a filter).
+    const VALUED: [&str; 14] = [
+        "--profile-time",
+        "--measurement-time",
+        "--warm-up-time",
+        "--sample-size",
+        "--save-baseline",
+        "--baseline",
+        "--load-baseline",
+        "--output-format",
+        "--color",
+        "--plotting-backend",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--nresamples",
+    ];
+    let mut filter = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if VALUED.contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            filter = Some(a);
+            break;
+        }
+    }
+    match filter {
+        Some(f) => {
+            let head = f.trim_start_matches('^');
+            !GROUPS.iter().any(|g| *g != group && head.starts_with(g))
+        }
+        None => true,
+    }
+}
+
 fn bench_mst(c: &mut Criterion) {
+    if !selected("mst") {
+        return;
+    }
     let rt = runtime();
     let mut group = c.benchmark_group("mst");
     group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
@@ -276,6 +320,41 @@ fn bench_mst(c: &mut Criterion) {
             })
         });
 
+        // One SQLite round trip through sqlx (a query on the pool's worker
+        // thread), and one point read of a block by CID: the unit costs
+        // that a commit pays per statement and a cold lookup per node.
+        group.bench_with_input(BenchmarkId::new("db_select_1", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        sqlx::query("SELECT 1").execute(&fx.db.pool).await.expect("select");
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        let sample: Vec<Vec<u8>> = rt
+            .block_on(
+                sqlx::query_scalar("SELECT cid FROM block WHERE did = ? ORDER BY random() LIMIT 1000")
+                    .bind(DID)
+                    .fetch_all(&fx.db.pool),
+            )
+            .expect("sample cids");
+        let sample: Vec<Cid> = sample.iter().map(|b| Cid::try_from(b.as_slice()).expect("cid")).collect();
+        group.bench_with_input(BenchmarkId::new("db_block_read", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        let cid = &sample[(rng.below(sample.len() as u64) ^ i) as usize % sample.len()];
+                        assert!(fx.db.block(DID, cid).await.expect("block").is_some());
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+
         // What createRecord costs below HTTP: one create, signed, persisted.
         // Keys come from the service's clock, so they append at the right
         // edge as real TIDs do. These commits grow the copy, not the cache.
@@ -301,7 +380,66 @@ fn bench_mst(c: &mut Criterion) {
     group.finish();
 }
 
+/// The cost of reading MST nodes without SQLite: a 10,000-key tree in a
+/// `HashMap` block store, and the decoding of one of its nodes.
+fn bench_codec(c: &mut Criterion) {
+    if !selected("codec") {
+        return;
+    }
+    let n = 10_000u64;
+    let mut store: HashMap<Cid, Arc<[u8]>> = HashMap::new();
+    let (root, leaf_bytes) = futures::executor::block_on(async {
+        let mut ed = MstEditor::empty(&store).expect("empty");
+        for i in 0..n {
+            let value = cid_for_cbor(&i.to_be_bytes());
+            ed.insert(&key_of(&rkey(i)), value).await.expect("insert");
+        }
+        let diff = ed.finish();
+        for (cid, bytes) in &diff.new_blocks {
+            store.insert(*cid, Arc::from(bytes.as_slice()));
+        }
+        let mut ed = MstEditor::new(&store, diff.root);
+        let path = ed.path(&key_of(&rkey(n / 2))).await.expect("path");
+        let leaf = *path.last().expect("non-empty path");
+        (diff.root, store[&leaf].clone())
+    });
+    eprintln!(
+        "codec: in-memory tree of {n} keys, {} nodes; sample node {} bytes",
+        store.len(),
+        leaf_bytes.len()
+    );
+    let mut group = c.benchmark_group("codec");
+    group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
+    // What every MST node read pays today (`decode_cbor_serde` ->
+    // `decode_cbor_strict`): parse to Ipld, validate, re-encode, compare.
+    group.bench_function("node_decode_strict", |b| {
+        b.iter(|| decode_cbor_strict(std::hint::black_box(&leaf_bytes)).expect("decode"))
+    });
+    // The parse alone, for comparison.
+    group.bench_function("node_parse_only", |b| {
+        b.iter(|| serde_ipld_dagcbor::from_slice::<Ipld>(std::hint::black_box(&leaf_bytes)).expect("parse"))
+    });
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    group.bench_function(BenchmarkId::new("mem_get", n), |b| {
+        b.iter_custom(|iters| {
+            let keys: Vec<String> = (0..iters).map(|_| key_of(&rkey(rng.below(n)))).collect();
+            futures::executor::block_on(async {
+                let start = Instant::now();
+                for k in &keys {
+                    let mut ed = MstEditor::new(&store, root);
+                    assert!(ed.get(k).await.expect("get").is_some());
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
 fn bench_crypto(c: &mut Criterion) {
+    if !selected("crypto") {
+        return;
+    }
     let mut group = c.benchmark_group("crypto");
     group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
     let msg = [0x5au8; 200];
@@ -346,6 +484,9 @@ async fn export(db: &Db) -> (u64, u64) {
 }
 
 fn bench_export(c: &mut Criterion) {
+    if !selected("car_export") {
+        return;
+    }
     let rt = runtime();
     let n: u64 = std::env::var("ROOST_BENCH_EXPORT_SIZE")
         .ok()
@@ -369,5 +510,5 @@ fn bench_export(c: &mut Criterion) {
     rt.block_on(fx.db.pool.close());
 }
 
-criterion_group!(benches, bench_crypto, bench_mst, bench_export);
+criterion_group!(benches, bench_crypto, bench_codec, bench_mst, bench_export);
 criterion_main!(benches);

@@ -91,7 +91,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     writers: usize,
     /// Events in the slow-consumer scenario (0 skips it).
-    #[arg(long, default_value_t = 15_000)]
+    #[arg(long, default_value_t = 12_000)]
     lag_events: usize,
     /// The slow consumer reads one frame every this many milliseconds.
     #[arg(long, default_value_t = 20)]
@@ -227,6 +227,52 @@ impl RssPeak {
 impl Drop for RssPeak {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics: Roost's counters, with the time of their first increment
+
+#[derive(Default)]
+struct TimedCounter {
+    value: AtomicU64,
+    first: std::sync::OnceLock<Instant>,
+}
+
+impl metrics::CounterFn for TimedCounter {
+    fn increment(&self, value: u64) {
+        self.first.get_or_init(Instant::now);
+        self.value.fetch_add(value, Ordering::Relaxed);
+    }
+    fn absolute(&self, value: u64) {
+        self.first.get_or_init(Instant::now);
+        self.value.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+/// Keeps counters by name (labels ignored); gauges and histograms are dropped.
+#[derive(Clone, Default)]
+struct Counters(Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<TimedCounter>>>>);
+
+impl Counters {
+    fn get(&self, name: &str) -> Arc<TimedCounter> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_owned()).or_default().clone()
+    }
+}
+
+impl metrics::Recorder for Counters {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(self.get(key.name()))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        metrics::Histogram::noop()
     }
 }
 
@@ -612,7 +658,10 @@ async fn lag_scenario(
     writer: &Writer,
     args: &Args,
     counter: &AtomicUsize,
+    counters: &Counters,
 ) -> anyhow::Result<()> {
+    let too_slow = counters.get("pds_firehose_slow_consumer_disconnects_total");
+    let too_slow_before = too_slow.value.load(Ordering::Relaxed);
     let delivered = Arc::new(AtomicU64::new(0));
     let notify = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -637,14 +686,16 @@ async fn lag_scenario(
     let rss0 = rss_mib();
     let rss = RssPeak::start();
     let t0 = Instant::now();
-    // When the server lets go of the slow subscriber its slot is released.
+    // When the server gives up on the slow subscriber (its slow-consumer
+    // counter moves); the writers stop then.
     let released = Arc::new(AtomicBool::new(false));
     let cut = {
         let released = released.clone();
         let state = server.state.clone();
+        let too_slow = too_slow.clone();
         tokio::spawn(async move {
             loop {
-                if sequencer.subscriber_count() < subs {
+                if too_slow.value.load(Ordering::Relaxed) > too_slow_before {
                     released.store(true, Ordering::Relaxed);
                     let head = state.db.seq_bounds().await.map(|b| b.newest).unwrap_or(-1);
                     return Some((t0.elapsed(), head));
@@ -652,7 +703,7 @@ async fn lag_scenario(
                 if t0.elapsed() > Duration::from_secs(300) {
                     return None;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
@@ -693,8 +744,11 @@ async fn lag_scenario(
     };
     let _ = stop_tx.send(true);
     let h = healthy.await?;
-    cut.abort();
-    let cut = cut.await.ok().flatten();
+    let cut = match tokio::time::timeout(Duration::from_secs(1), &mut { cut }).await {
+        Ok(found) => found?,
+        Err(_) => None,
+    };
+    let slot_released = sequencer.subscriber_count() < subs;
     println!();
     println!(
         "## Slow consumer (up to {} events from {} writers; one subscriber reads a frame every {} ms, one reads freely)",
@@ -715,12 +769,13 @@ async fn lag_scenario(
     let last_seq = s.arrivals.last().map_or(0, |a| a.0);
     match cut {
         Some((at, head)) => println!(
-            "- server released the slow subscriber at {:.2} s, log head then seq {head}, {} events past the \
-             last one the client received (seq {last_seq})",
+            "- the server gave up on the slow subscriber (ConsumerTooSlow) at {:.2} s, log head then seq \
+             {head}, {} events past the last one the client ever received (seq {last_seq}); slot released: \
+             {slot_released}",
             at.as_secs_f64(),
             head - last_seq
         ),
-        None => println!("- the server did not release the slow subscriber"),
+        None => println!("- the server did not give up on the slow subscriber"),
     }
     println!(
         "- slow subscriber: received {} events, then {} ({})",
@@ -808,6 +863,9 @@ async fn replay(port: u16, last: i64, check_seq: bool) -> anyhow::Result<(u64, u
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let counters = Counters::default();
+    metrics::set_global_recorder(counters.clone())
+        .map_err(|_| anyhow::anyhow!("metrics recorder already set"))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.server_threads)
@@ -893,7 +951,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     if args.lag_events > 0 {
-        client_rt.block_on(lag_scenario(&server, &writer, &args, &counter))?;
+        client_rt.block_on(lag_scenario(&server, &writer, &args, &counter, &counters))?;
     }
 
     if args.replay_events > 0 {
@@ -906,6 +964,7 @@ fn main() -> anyhow::Result<()> {
         let bounds = server_rt.block_on(server.state.db.seq_bounds())?;
         let last = bounds.newest;
         let cpu0 = cpu();
+        let rss_before_replay = rss_mib();
         let _ = rss.take();
         let t0 = Instant::now();
         let results = client_rt.block_on(async {
@@ -924,14 +983,15 @@ fn main() -> anyhow::Result<()> {
         );
         println!();
         println!(
-            "| replayers | events | MB each | wall (s) | events/s per replayer | MB/s per replayer | server CPU s | RSS peak (MiB) |"
+            "| replayers | events | MB each | wall (s) | events/s per replayer | MB/s per replayer | server CPU s \
+             | RSS before / peak (MiB) |"
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         let (events, bytes, slowest) = results
             .iter()
             .fold((0, 0, Duration::ZERO), |(e, b, d), (e2, b2, d2)| (e.max(*e2), b.max(*b2), d.max(*d2)));
         println!(
-            "| {} | {events} | {:.1} | {:.2} | {:.0} | {:.1} | {:.2} | {peak:.0} |",
+            "| {} | {events} | {:.1} | {:.2} | {:.0} | {:.1} | {:.2} | {rss_before_replay:.0} / {peak:.0} |",
             args.replayers,
             bytes as f64 / 1e6,
             wall.as_secs_f64(),

@@ -258,6 +258,10 @@ async fn load(args: &Args) -> anyhow::Result<()> {
             (Some(s), u)
         }
     };
+    if let Some(s) = &server {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.report("idle before login");
+    }
     let session = Arc::new(Session::login(&url, &args.handle, &args.password).await?);
     println!("logged in as {}", session.did);
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -76,6 +76,10 @@ struct Args {
     /// Diagnostic: pool size (Db::open uses 8).
     #[arg(long)]
     max_connections: Option<u32>,
+    /// Diagnostic: SQLite's process-wide soft heap limit in MiB
+    /// (`PRAGMA soft_heap_limit`; Db::open sets none).
+    #[arg(long)]
+    sqlite_soft_heap_limit_mib: Option<u64>,
 }
 
 fn status_kib(field: &str) -> u64 {
@@ -139,7 +143,10 @@ fn file_size(path: &Path) -> u64 {
 
 async fn open_db(path: &Path, args: &Args) -> anyhow::Result<Db> {
     let db = Db::open(path).await?;
-    if args.sqlite_cache_kib.is_none() && args.max_connections.is_none() {
+    if args.sqlite_cache_kib.is_none()
+        && args.max_connections.is_none()
+        && args.sqlite_soft_heap_limit_mib.is_none()
+    {
         return Ok(db);
     }
     // Same options as Db::open, with the knob under test changed.
@@ -152,15 +159,20 @@ async fn open_db(path: &Path, args: &Args) -> anyhow::Result<Db> {
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(10))
         .pragma("cache_size", cache);
+    let options = match args.sqlite_soft_heap_limit_mib {
+        Some(mib) => options.pragma("soft_heap_limit", (mib * 1024 * 1024).to_string()),
+        None => options,
+    };
     let pool = SqlitePoolOptions::new()
         .max_connections(args.max_connections.unwrap_or(8))
         .min_connections(1)
         .connect_with(options)
         .await?;
     println!(
-        "diagnostic pool: cache_size {} KiB per connection, max {} connections",
+        "diagnostic pool: cache_size {} KiB per connection, max {} connections, soft heap limit {}",
         args.sqlite_cache_kib.unwrap_or(16000),
-        args.max_connections.unwrap_or(8)
+        args.max_connections.unwrap_or(8),
+        args.sqlite_soft_heap_limit_mib.map(|m| format!("{m} MiB")).unwrap_or_else(|| "none".into())
     );
     Ok(Db { pool })
 }
