@@ -14,6 +14,7 @@
 //!
 //! Settings: `ROOST_BENCH_SIZES` (comma-separated record counts, default
 //! `10000,100000,1000000`), `ROOST_BENCH_EXPORT_SIZE` (default `100000`).
+//! Under `cargo test --benches` (no `--bench` flag) both default to 10000.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,12 +29,12 @@ use roost::atp::car;
 use roost::atp::commit;
 use roost::atp::data::{cid_for_cbor, decode_cbor_strict};
 use roost::atp::keys::{KeyAlgorithm, SigningKey};
-use roost::atp::mst::MstEditor;
+use roost::atp::mst::{BlockSource, MstEditor, MstError, OpChange, covering_proof};
 use roost::atp::syntax::{Nsid, RecordKey, Tid};
 use roost::db::Db;
 use roost::db::accounts::AccountRow;
 use roost::db::repo::RepoItem;
-use roost::repo::{RepoService, Write};
+use roost::repo::{DbBlocks, RepoService, Write};
 use roost::sequencer::Sequencer;
 
 /// A sequencer with no subscribers: events are logged, nobody is live.
@@ -102,8 +103,16 @@ fn data_dir() -> PathBuf {
     target.join("bench-data")
 }
 
+/// `cargo test --benches` runs this binary without `--bench`: criterion then
+/// runs each benchmark once, and the default sizes shrink to 10k so that no
+/// large repository gets built.
+fn test_mode() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
 fn sizes() -> Vec<u64> {
-    let raw = std::env::var("ROOST_BENCH_SIZES").unwrap_or_else(|_| "10000,100000,1000000".into());
+    let default = if test_mode() { "10000" } else { "10000,100000,1000000" };
+    let raw = std::env::var("ROOST_BENCH_SIZES").unwrap_or_else(|_| default.into());
     raw.split(',')
         .map(|s| s.trim().replace('_', ""))
         .filter(|s| !s.is_empty())
@@ -167,6 +176,22 @@ fn cached_repo(rt: &tokio::runtime::Runtime, n: u64) -> (PathBuf, SigningKey) {
     }
     std::fs::write(&key_path, key.to_hex()).expect("key file");
     (db_path, key)
+}
+
+/// A commit's new blocks over the stored ones (what `apply_writes` proves against).
+struct Overlay<'a> {
+    top: HashMap<Cid, Arc<[u8]>>,
+    base: DbBlocks<'a>,
+    root: Cid,
+}
+
+impl BlockSource for Overlay<'_> {
+    async fn get_block(&self, cid: &Cid) -> Result<Option<Arc<[u8]>>, MstError> {
+        match self.top.get(cid) {
+            Some(hit) => Ok(Some(hit.clone())),
+            None => self.base.get_block(cid).await,
+        }
+    }
 }
 
 /// An open copy of the cached repository of `n` records.
@@ -355,6 +380,56 @@ fn bench_mst(c: &mut Criterion) {
             })
         });
 
+        // The firehose's covering proof (sync v1.1) for a commit of k creates
+        // appended at the right edge, as `apply_writes` computes it: over the
+        // commit's new nodes layered on the stored ones.
+        for k in [1u64, 100] {
+            let leaf = cid_for_cbor(b"\xa0");
+            let keys: Vec<String> = (0..k).map(|j| key_of(&rkey(n + 1 + j))).collect();
+            let overlay = rt.block_on(async {
+                let mut ed = MstEditor::new(&store, root);
+                for key in &keys {
+                    ed.insert(key, leaf).await.expect("insert");
+                }
+                let diff = ed.finish();
+                Overlay {
+                    top: diff
+                        .new_blocks
+                        .iter()
+                        .map(|(c, b)| (*c, Arc::from(b.as_slice())))
+                        .collect(),
+                    base: fx.repo.blocks(DID),
+                    root: diff.root,
+                }
+            });
+            let ops: Vec<OpChange> = keys
+                .iter()
+                .map(|key| OpChange {
+                    key,
+                    before: None,
+                    after: Some(leaf),
+                })
+                .collect();
+            group.bench_with_input(
+                BenchmarkId::new(format!("covering_proof_{k}"), n),
+                &n,
+                |b, _| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let start = Instant::now();
+                            for _ in 0..iters {
+                                let proof = covering_proof(&overlay, overlay.root, &ops)
+                                    .await
+                                    .expect("proof");
+                                std::hint::black_box(proof);
+                            }
+                            start.elapsed()
+                        })
+                    })
+                },
+            );
+        }
+
         // What createRecord costs below HTTP: one create, signed, persisted.
         // Keys come from the service's clock, so they append at the right
         // edge as real TIDs do. These commits grow the copy, not the cache.
@@ -491,7 +566,7 @@ fn bench_export(c: &mut Criterion) {
     let n: u64 = std::env::var("ROOST_BENCH_EXPORT_SIZE")
         .ok()
         .map(|s| s.parse().expect("ROOST_BENCH_EXPORT_SIZE"))
-        .unwrap_or(100_000);
+        .unwrap_or(if test_mode() { 10_000 } else { 100_000 });
     let fx = fixture(&rt, n);
     let (bytes, blocks) = rt.block_on(export(&fx.db));
     eprintln!("export of {n} records: {bytes} bytes in {blocks} blocks per CAR");

@@ -446,10 +446,10 @@ async fn subscriber(
                     }
                     delivered.fetch_add(1, Ordering::Relaxed);
                     notify.notify_one();
-                    if let Some((d, hurry)) = &delay {
-                        if !hurry.load(Ordering::Relaxed) {
-                            tokio::time::sleep(*d).await;
-                        }
+                    if let Some((d, hurry)) = &delay
+                        && !hurry.load(Ordering::Relaxed)
+                    {
+                        tokio::time::sleep(*d).await;
                     }
                 }
                 Some(Ok(Message::Close(c))) => {
@@ -895,14 +895,11 @@ fn main() -> anyhow::Result<()> {
     let rss = RssPeak::start();
     let mut rows = Vec::new();
     for &n in &args.subscribers {
-        if let Some(limit) = fd_soft_limit() {
-            if 2 * n + 200 > limit {
-                println!(
-                    "skipping {n} subscribers: needs ~{} fds, soft limit {limit} (ulimit -n)",
-                    2 * n + 200
-                );
-                continue;
-            }
+        if let Some(limit) = fd_soft_limit()
+            && 2 * n + 200 > limit
+        {
+            println!("skipping {n} subscribers: needs ~{} fds, soft limit {limit} (ulimit -n)", 2 * n + 200);
+            continue;
         }
         let t = Instant::now();
         let row = client_rt.block_on(measure(&server, &writer, n, &args, &rss, &counter))?;

@@ -842,13 +842,15 @@ async fn slow_consumer_is_dropped_healthy_one_is_not() {
         }
         (got, bytes, healthy)
     });
-    // 10 kB records: each commit frame is ~0.5 MB, ~8 MB in all, about twice
-    // what the socket buffers between the server and the stuck client hold
-    // (it is found to read ~4 MB before the error frame). Fewer, larger
-    // records than "6000 small creates" keep the test short: with 4096 frames
-    // of live buffer, the lag path (`RecvError::Lagged`) needs > 4096 commits
-    // while a send is pending, which the firehose_load example exercises in
-    // release mode; here the stuck send times out instead (SEND_TIMEOUT).
+    // 10 kB records: each commit frame is ~0.5 MB, ~8 MB in all, more than
+    // twice what the socket buffers between the server and the stuck client
+    // hold (it reads ~3 MB, then the error frame). Fewer, larger records than
+    // "6000 small creates" keep the test short. A client that reads nothing
+    // is cut off by the send timeout (SEND_TIMEOUT, 15 s); the other path,
+    // `RecvError::Lagged` once the server task is 4096 frames (LIVE_BUFFER)
+    // behind, needs a client that reads, slowly, while > 4096 events are
+    // written plus what its socket buffers hold: thousands of commits, which
+    // the firehose_load example does in release mode (--lag-events).
     let text = "x".repeat(10_000);
     let t0 = Instant::now();
     for b in 0..BATCHES {
