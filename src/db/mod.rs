@@ -26,7 +26,14 @@ pub struct Db {
     pub pool: SqlitePool,
 }
 
+/// SQLite's per-connection page cache, negative = KiB.
+const PAGE_CACHE_KIB: &str = "-2000";
+const MAX_CONNECTIONS: u32 = 4;
+
 impl Db {
+    // Memory is bounded by connections x page cache: at 8 x 16 MB a 1M-record build peaked at
+    // 261 MiB RSS, at 2 x 2 MB at 63 MiB with the same write speed (BENCHMARKS.md, "Memory").
+    // Four connections keep reads concurrent with the single writer on small boxes.
     pub async fn open(path: &std::path::Path) -> anyhow::Result<Db> {
         // Create the file owner-only before SQLite does: its -wal and -shm
         // files copy the main file's permissions.
@@ -43,9 +50,12 @@ impl Db {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-16000");
-        let pool =
-            SqlitePoolOptions::new().max_connections(8).min_connections(1).connect_with(options).await?;
+            .pragma("cache_size", PAGE_CACHE_KIB);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Db { pool })
     }
