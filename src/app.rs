@@ -127,6 +127,12 @@ impl App {
         for task in background {
             task.abort();
         }
+        // Upgraded WebSockets outlive `axum::serve`; let firehose streams send
+        // their close frames before the pool goes away under them.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while state.sequencer.subscriber_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         // Leave a compact database behind for backups by file copy.
         let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&db.pool).await;
         db.pool.close().await;

@@ -18,6 +18,12 @@ use crate::sequencer::SubscriberSlot;
 
 /// A send that takes longer than this means the consumer is not reading.
 const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+/// The closing error frame (e.g. `ConsumerTooSlow`) goes to a consumer that is
+/// probably not reading: try briefly, never hold the connection for long.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Clients only send control frames, so the read buffer can be small: with
+/// tungstenite's 128 KiB default, 1,000 idle subscribers held ~120 MiB.
+const READ_BUFFER: usize = 4 * 1024;
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Events read from the log per query while replaying.
 const REPLAY_PAGE: i64 = 500;
@@ -50,6 +56,7 @@ pub async fn subscribe_repos(
         .admit(peer.ip())
         .ok_or_else(|| XrpcError::rate_limited("Too many firehose subscribers"))?;
     Ok(ws
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_INCOMING_MESSAGE)
         .max_frame_size(MAX_INCOMING_MESSAGE)
         .on_upgrade(move |socket| serve(state, socket, cursor, slot)))
@@ -77,26 +84,55 @@ async fn serve(state: AppState, socket: WebSocket, cursor: Option<i64>, _slot: S
         }
         let _ = closed_tx.send(());
     });
-    let outcome = pump(&state, &mut sink, cursor, &mut closed_rx).await;
+    let mut shutdown = state.shutdown.subscribe();
+    let outcome =
+        pump(&state, &mut Out { sink: &mut sink, shutdown: &mut shutdown }, cursor, &mut closed_rx).await;
     if let Err(Stop(Some(frame))) = outcome {
-        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Binary(frame))).await;
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, sink.send(Message::Binary(frame))).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(None))).await;
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, sink.send(Message::Close(None))).await;
     reader.abort();
 }
 
 type Sink = futures::stream::SplitSink<WebSocket, Message>;
 
-async fn send(sink: &mut Sink, frame: Bytes) -> Result<(), Stop> {
+/// The sending half of a stream, with the shutdown signal that interrupts a
+/// send blocked on a consumer that is not reading.
+struct Out<'a> {
+    sink: &'a mut Sink,
+    shutdown: &'a mut tokio::sync::watch::Receiver<bool>,
+}
+
+impl Out<'_> {
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sends one message; `Err(Stop(None))` when the server is shutting down.
+    async fn send_message(&mut self, message: Message) -> Result<Result<(), axum::Error>, Stop> {
+        let shutdown = &mut *self.shutdown;
+        tokio::select! {
+            sent = tokio::time::timeout(SEND_TIMEOUT, self.sink.send(message)) => sent.map_err(|_| too_slow()),
+            _ = stopping(shutdown) => Err(Stop(None)),
+        }
+    }
+}
+
+/// Resolves once the server starts shutting down (the guard `wait_for` returns
+/// is not `Send`, so it must not live in a `select!` output).
+async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+async fn send(out: &mut Out<'_>, frame: Bytes) -> Result<(), Stop> {
     let len = frame.len() as u64;
-    match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Binary(frame))).await {
-        Ok(Ok(())) => {
+    match out.send_message(Message::Binary(frame)).await? {
+        Ok(()) => {
             metrics::counter!("pds_firehose_frames_sent_total").increment(1);
             metrics::counter!("pds_firehose_bytes_sent_total").increment(len);
             Ok(())
         }
-        Ok(Err(_)) => Err(Stop(None)),
-        Err(_) => Err(too_slow()),
+        Err(_) => Err(Stop(None)),
     }
 }
 
@@ -107,14 +143,13 @@ fn too_slow() -> Stop {
 
 async fn pump(
     state: &AppState,
-    sink: &mut Sink,
+    sink: &mut Out<'_>,
     cursor: Option<i64>,
     closed: &mut tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), Stop> {
     // Subscribe before reading the log: anything committed from here on is
     // in `live`, anything before is in the log; `last` removes the overlap.
     let mut live = state.sequencer.subscribe();
-    let mut shutdown = state.shutdown.subscribe();
     let mut last = 0;
     if let Some(cursor) = cursor {
         let internal = |e: sqlx::Error| {
@@ -136,13 +171,16 @@ async fn pump(
         }
         last = cursor;
         loop {
+            if sink.shutting_down() {
+                return Ok(());
+            }
             let page = state.db.events_after(last, REPLAY_PAGE).await.map_err(internal)?;
             if page.is_empty() {
                 break;
             }
             for (seq, frame) in page {
                 // A long replay must not hold up shutdown (or outlive a client).
-                if *shutdown.borrow() || closed.try_recv().is_ok() {
+                if sink.shutting_down() || closed.try_recv().is_ok() {
                     return Ok(());
                 }
                 send(sink, Bytes::from(frame)).await?;
@@ -150,6 +188,7 @@ async fn pump(
             }
         }
     }
+    let mut stop = sink.shutdown.clone();
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
     loop {
@@ -164,12 +203,12 @@ async fn pump(
                 Err(RecvError::Closed) => return Ok(()),
             },
             _ = ping.tick() => {
-                if tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Ping(Bytes::new()))).await.is_err() {
-                    return Err(too_slow());
+                if sink.send_message(Message::Ping(Bytes::new())).await?.is_err() {
+                    return Err(Stop(None));
                 }
             }
             _ = &mut *closed => return Ok(()),
-            _ = shutdown.changed() => return Ok(()),
+            _ = stopping(&mut stop) => return Ok(()),
         }
     }
 }
