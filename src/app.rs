@@ -35,6 +35,9 @@ pub struct Inner {
     pub blobs: crate::blobs::Blobs,
     /// Lexicons records are validated against.
     pub lexicons: crate::lexicon::Catalog,
+    /// For untrusted destinations (proxied calls, did:web): SSRF-safe.
+    pub outbound: reqwest::Client,
+    pub did_resolver: crate::proxy::DidResolver,
 }
 
 impl std::ops::Deref for AppState {
@@ -74,7 +77,17 @@ impl App {
             config.firehose_max_subscribers,
             config.firehose_max_per_ip,
         ));
+        let outbound = crate::proxy::outbound_client(&config.proxy)?;
+        let did_resolver = crate::proxy::DidResolver::new(
+            http.clone(),
+            outbound.clone(),
+            config.plc_url.clone(),
+            config.proxy.clone(),
+            config.dev_mode,
+        );
         let state = AppState(Arc::new(Inner {
+            outbound,
+            did_resolver,
             tokens: TokenIssuer::new(&jwt_secret, config.service_did.clone()),
             plc: PlcClient::new(http.clone(), config.plc_url.clone()),
             shutdown: tokio::sync::watch::channel(false).0,

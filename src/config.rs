@@ -59,6 +59,34 @@ pub struct RawConfig {
     /// Its email (`PDS_EMAIL`).
     #[serde(deserialize_with = "stringish")]
     pub email: Option<String>,
+    /// The AppView for `app.bsky.*` (`PDS_BSKY_APP_VIEW_URL` / `_DID`; empty URL disables).
+    #[serde(deserialize_with = "stringish")]
+    pub bsky_app_view_url: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub bsky_app_view_did: Option<String>,
+    /// The chat service for `chat.bsky.*` (`PDS_BSKY_CHAT_URL` / `_DID`).
+    #[serde(deserialize_with = "stringish")]
+    pub bsky_chat_url: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub bsky_chat_did: Option<String>,
+    /// Where `com.atproto.moderation.createReport` goes (`PDS_REPORT_SERVICE_URL` / `_DID`).
+    #[serde(deserialize_with = "stringish")]
+    pub report_service_url: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub report_service_did: Option<String>,
+    /// The moderation service for `tools.ozone.*` (`PDS_MOD_SERVICE_URL` / `_DID`).
+    #[serde(deserialize_with = "stringish")]
+    pub mod_service_url: Option<String>,
+    #[serde(deserialize_with = "stringish")]
+    pub mod_service_did: Option<String>,
+    /// Lets proxied calls reach private and loopback addresses (`PDS_DISABLE_SSRF_PROTECTION`; tests only).
+    pub disable_ssrf_protection: bool,
+    /// Upstream read timeout for proxied calls (`PDS_PROXY_TIMEOUT_SECONDS`, default 30).
+    pub proxy_timeout_seconds: u64,
+    /// Largest proxied response body (`PDS_PROXY_MAX_RESPONSE_BYTES`, default 16 MiB).
+    pub proxy_max_response_bytes: u64,
+    /// Whether `createAccount` needs an invite code (`PDS_INVITE_REQUIRED`, default true).
+    pub invite_required: bool,
     /// How long a used refresh token may be replayed (`PDS_REFRESH_GRACE_SECONDS`, default 10).
     pub refresh_grace_seconds: u64,
     /// Largest JSON request body in bytes (`PDS_MAX_JSON_BYTES`, default 1 MiB).
@@ -118,6 +146,18 @@ impl Default for RawConfig {
             handle: None,
             password: None,
             email: None,
+            bsky_app_view_url: Some("https://api.bsky.app".into()),
+            bsky_app_view_did: Some("did:web:api.bsky.app".into()),
+            bsky_chat_url: Some("https://api.bsky.chat".into()),
+            bsky_chat_did: Some("did:web:api.bsky.chat".into()),
+            report_service_url: Some("https://mod.bsky.app".into()),
+            report_service_did: Some("did:plc:ar7c4by46qjdydhdevvrndac".into()),
+            mod_service_url: None,
+            mod_service_did: None,
+            disable_ssrf_protection: false,
+            proxy_timeout_seconds: 30,
+            proxy_max_response_bytes: 16 * 1024 * 1024,
+            invite_required: true,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: None,
@@ -175,6 +215,8 @@ pub struct Config {
     pub service_did: String,
     pub dev_mode: bool,
     pub account: Option<AccountSeed>,
+    pub proxy: ProxyConfig,
+    pub invite_required: bool,
     pub refresh_grace_seconds: u64,
     pub max_json_bytes: usize,
     pub crawlers: Vec<String>,
@@ -183,6 +225,40 @@ pub struct Config {
     pub firehose_retention_hours: u64,
     pub blobstore: BlobstoreConfig,
     pub lexicon_directory: Option<PathBuf>,
+}
+
+/// Where proxied XRPC calls go and how (see `crate::proxy`).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub appview: Option<ServiceEndpoint>,
+    pub chat: Option<ServiceEndpoint>,
+    pub report: Option<ServiceEndpoint>,
+    pub moderation: Option<ServiceEndpoint>,
+    pub disable_ssrf_protection: bool,
+    pub timeout_secs: u64,
+    pub max_response_bytes: u64,
+}
+
+impl Default for ProxyConfig {
+    /// No upstream services, SSRF protection on.
+    fn default() -> Self {
+        ProxyConfig {
+            appview: None,
+            chat: None,
+            report: None,
+            moderation: None,
+            disable_ssrf_protection: false,
+            timeout_secs: 30,
+            max_response_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// A service Roost forwards to: its base URL and DID (the token audience).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEndpoint {
+    pub url: String,
+    pub did: String,
 }
 
 #[derive(Debug, Clone)]
@@ -299,7 +375,30 @@ impl RawConfig {
             return Err(err("PDS_JWT_SECRET must be at least 16 characters".into()));
         }
         let data_directory = PathBuf::from(self.data_directory.unwrap_or_else(|| "./data".into()));
+        let service = |name: &str, url: Option<String>, did: Option<String>| -> Result<_, ConfigError> {
+            match (url.filter(|u| !u.is_empty()), did.filter(|d| !d.is_empty())) {
+                (None, _) => Ok(None),
+                (Some(url), Some(did)) => {
+                    check_url(&format!("PDS_{name}_URL"), &url, dev)?;
+                    crate::atp::syntax::Did::new(did.as_str())
+                        .map_err(|e| ConfigError(format!("PDS_{name}_DID: {e}")))?;
+                    Ok(Some(ServiceEndpoint { url: url.trim_end_matches('/').to_owned(), did }))
+                }
+                (Some(_), None) => Err(ConfigError(format!("PDS_{name}_URL needs PDS_{name}_DID"))),
+            }
+        };
+        let proxy = ProxyConfig {
+            appview: service("BSKY_APP_VIEW", self.bsky_app_view_url, self.bsky_app_view_did)?,
+            chat: service("BSKY_CHAT", self.bsky_chat_url, self.bsky_chat_did)?,
+            report: service("REPORT_SERVICE", self.report_service_url, self.report_service_did)?,
+            moderation: service("MOD_SERVICE", self.mod_service_url, self.mod_service_did)?,
+            disable_ssrf_protection: self.disable_ssrf_protection,
+            timeout_secs: self.proxy_timeout_seconds.max(1),
+            max_response_bytes: self.proxy_max_response_bytes,
+        };
         Ok(Config {
+            proxy,
+            invite_required: self.invite_required,
             service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
@@ -403,6 +502,8 @@ impl Config {
                 password: Some(password.into()),
                 email: Some(format!("{}@example.com", handle.split('.').next().unwrap_or("user"))),
             }),
+            proxy: ProxyConfig { disable_ssrf_protection: true, ..ProxyConfig::default() },
+            invite_required: true,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: Vec::new(),

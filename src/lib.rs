@@ -9,6 +9,8 @@ pub mod crawl;
 pub mod db;
 pub mod identity;
 pub mod lexicon;
+pub mod proxy;
 pub mod repo;
 pub mod sequencer;
+pub mod service_auth;
 pub mod xrpc;

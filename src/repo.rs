@@ -160,7 +160,7 @@ pub struct RepoService {
     sequencer: Arc<Sequencer>,
 }
 
-fn now_datetime() -> String {
+pub(crate) fn now_datetime() -> String {
     crate::atp::syntax::Datetime::from_offset(time::OffsetDateTime::now_utc()).to_string()
 }
 

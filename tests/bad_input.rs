@@ -705,7 +705,17 @@ fn alg_none(token: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_refused_cleanly_and_change_nothing() {
-    let pds = TestPds::spawn().await;
+    let mut pds = TestPds::spawn().await;
+    // Many cases are refused before their body is read; the server then
+    // closes the connection, and a pooled client could race that close on
+    // its next request. A fresh connection per request keeps this about the
+    // server's answers, not about connection reuse.
+    pds.xrpc.http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("client");
     let (access, refresh) = pds.login().await;
     pds.create(&access, POST, Some("seed"), post_record("seed")).await;
     let seed = pds.record(&pds.did, POST, "seed").await;

@@ -8,6 +8,7 @@
 //! loss can drop the last transactions, which is the trade the reference PDS
 //! makes too.
 
+pub mod account_features;
 pub mod accounts;
 pub mod blobs;
 pub mod repo;

@@ -12,7 +12,7 @@ use crate::repo::RepoError;
 #[derive(Debug)]
 pub struct XrpcError {
     pub status: StatusCode,
-    pub error: &'static str,
+    pub error: Cow<'static, str>,
     pub message: Cow<'static, str>,
     /// The cause of a 5xx, logged once and never sent to the client.
     pub source: Option<anyhow::Error>,
@@ -20,7 +20,7 @@ pub struct XrpcError {
 
 impl XrpcError {
     pub fn new(status: StatusCode, error: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        XrpcError { status, error, message: message.into(), source: None }
+        XrpcError { status, error: Cow::Borrowed(error), message: message.into(), source: None }
     }
 
     pub fn invalid_request(message: impl Into<Cow<'static, str>>) -> Self {
@@ -54,7 +54,7 @@ impl XrpcError {
 
     /// Replaces the error name, keeping status and message.
     pub fn with_name(mut self, error: &'static str) -> Self {
-        self.error = error;
+        self.error = Cow::Borrowed(error);
         self
     }
 
@@ -65,7 +65,7 @@ impl XrpcError {
     pub fn internal(source: impl Into<anyhow::Error>) -> Self {
         XrpcError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
-            error: "InternalServerError",
+            error: Cow::Borrowed("InternalServerError"),
             message: "Internal Server Error".into(),
             source: Some(source.into()),
         }

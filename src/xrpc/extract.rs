@@ -73,18 +73,39 @@ fn bearer(parts: &Parts) -> Result<&str, XrpcError> {
 pub struct Access {
     pub did: String,
     pub session_id: String,
+    pub scope: crate::auth::AccessScope,
+}
+
+impl Access {
+    /// Verifies the bearer token in `parts` against the session table.
+    pub async fn verify(parts: &Parts, state: &AppState) -> Result<Access, XrpcError> {
+        let info = state.tokens.verify_access(bearer(parts)?)?;
+        // The session row is the revocation list: deleteSession ends access at once.
+        match state.db.session(&info.id).await? {
+            Some(s) if s.did == info.did => Ok(Access {
+                did: info.did,
+                session_id: info.id,
+                scope: crate::auth::AccessScope::from_session_scope(&s.scope),
+            }),
+            _ => Err(XrpcError::lexicon("InvalidToken", "Token has been revoked")),
+        }
+    }
+
+    /// Refuses app-password sessions: account management needs the real password.
+    pub fn require_full(&self) -> Result<(), XrpcError> {
+        if self.scope == crate::auth::AccessScope::Full {
+            Ok(())
+        } else {
+            Err(XrpcError::lexicon("InvalidToken", "Bad token scope"))
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Access {
     type Rejection = XrpcError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, XrpcError> {
-        let info = state.tokens.verify_access(bearer(parts)?)?;
-        // The session row is the revocation list: deleteSession ends access at once.
-        match state.db.session(&info.id).await? {
-            Some(s) if s.did == info.did => Ok(Access { did: info.did, session_id: info.id }),
-            _ => Err(XrpcError::lexicon("InvalidToken", "Token has been revoked")),
-        }
+        Access::verify(parts, state).await
     }
 }
 

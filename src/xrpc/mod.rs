@@ -4,16 +4,18 @@
 //! The table in [`router`] is the index of the API: one line per method,
 //! NSID first. Handlers are thin: parse, call a service, map errors.
 
+mod account;
 mod blob;
 pub mod error;
 pub mod extract;
+mod forward;
 mod repo;
 mod server;
 mod subscribe;
 mod sync;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::{CONTENT_TYPE, HOST};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -55,6 +57,12 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.repo.listMissingBlobs", get(blob::list_missing_blobs)),
         ("com.atproto.sync.getBlob", get(blob::get_blob)),
         ("com.atproto.sync.listBlobs", get(blob::list_blobs)),
+        ("com.atproto.server.createAppPassword", post(account::create_app_password)),
+        ("com.atproto.server.listAppPasswords", get(account::list_app_passwords)),
+        ("com.atproto.server.revokeAppPassword", post(account::revoke_app_password)),
+        ("com.atproto.server.getServiceAuth", get(account::get_service_auth)),
+        ("app.bsky.actor.getPreferences", get(account::get_preferences)),
+        ("app.bsky.actor.putPreferences", post(account::put_preferences)),
     ];
     let mut router = Router::new()
         .route("/", get(banner))
@@ -78,7 +86,7 @@ pub fn router(state: AppState) -> Router {
         );
     }
     router
-        .route("/xrpc/{nsid}", axum::routing::any(unknown_method))
+        .route("/xrpc/{nsid}", axum::routing::any(forward::forward))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
@@ -100,13 +108,6 @@ pub fn router(state: AppState) -> Router {
 
 fn wrong_method(method: Method, expected: Method) -> XrpcError {
     XrpcError::invalid_request(format!("Incorrect HTTP method ({method}) expected {expected}"))
-}
-
-async fn unknown_method(Path(nsid): Path<String>) -> XrpcError {
-    match crate::atp::syntax::Nsid::new(nsid.as_str()) {
-        Ok(_) => XrpcError::not_implemented(&nsid),
-        Err(_) => XrpcError::invalid_request(format!("Invalid XRPC method name: {nsid}")),
-    }
 }
 
 async fn not_found() -> Response {

@@ -53,13 +53,33 @@ pub async fn create_session(
     // identifiers exist.
     let hash = account.as_ref().map(|a| a.password_hash.as_str()).unwrap_or(DUMMY_HASH.as_str());
     let password = input.password;
+    let input_password = password.clone();
     let hash_owned = hash.to_owned();
     let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash_owned))
         .await
         .map_err(|e| XrpcError::internal(anyhow::anyhow!(e)))?;
+    // Not the account password: maybe one of its app passwords.
+    let app_password = match &account {
+        Some(a) if !ok && a.status != "pending" => {
+            let (did, password) = (a.did.clone(), input_password.clone());
+            let hash = tokio::task::spawn_blocking(move || auth::hash_app_password(&did, &password))
+                .await
+                .map_err(|e| XrpcError::internal(anyhow::anyhow!(e)))??;
+            state.db.app_passwords(&a.did).await?.into_iter().find(|p| {
+                use subtle::ConstantTimeEq as _;
+                bool::from(p.password_hash.as_bytes().ct_eq(hash.as_bytes()))
+            })
+        }
+        _ => None,
+    };
     let account = match account {
-        Some(a) if ok && a.status != "pending" => a,
+        Some(a) if (ok || app_password.is_some()) && a.status != "pending" => a,
         _ => return Err(XrpcError::auth_required("Invalid identifier or password")),
+    };
+    let scope = match &app_password {
+        None => auth::AccessScope::Full,
+        Some(p) if p.privileged => auth::AccessScope::AppPassPrivileged,
+        Some(_) => auth::AccessScope::AppPass,
     };
     if account.status == "takendown" {
         return Err(XrpcError::auth_required("Account has been taken down").with_name("AccountTakedown"));
@@ -69,9 +89,12 @@ pub async fn create_session(
     let refresh_expires = now_unix() + REFRESH_LIFETIME.as_secs() as i64;
     state
         .db
-        .create_session(&session_id, &account.did, auth::SCOPE_ACCESS, &refresh_id, refresh_expires)
+        .create_session(&session_id, &account.did, scope.session_scope(), &refresh_id, refresh_expires)
         .await?;
-    let access_jwt = state.tokens.access_token(&account.did, &session_id)?;
+    if let Some(p) = &app_password {
+        state.db.tag_session_app_password(&session_id, &p.name).await?;
+    }
+    let access_jwt = state.tokens.access_token(&account.did, &session_id, scope.session_scope())?;
     let refresh_jwt = state.tokens.refresh_token(&account.did, &refresh_id, refresh_expires)?;
     let mut out = session_view(&state, &account)?;
     out["accessJwt"] = json!(access_jwt);
@@ -132,7 +155,12 @@ pub async fn refresh_session(State(state): State<AppState>, auth: Refresh) -> Xr
         .refresh_token(&next_id)
         .await?
         .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Token has been revoked"))?;
-    let access_jwt = state.tokens.access_token(&account.did, &row.session_id)?;
+    let session = state
+        .db
+        .session(&row.session_id)
+        .await?
+        .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Token has been revoked"))?;
+    let access_jwt = state.tokens.access_token(&account.did, &row.session_id, &session.scope)?;
     let refresh_jwt = state.tokens.refresh_token(&account.did, &next_id, next_expires)?;
     let mut out = session_view(&state, &account)?;
     out["accessJwt"] = json!(access_jwt);

@@ -1,0 +1,91 @@
+# shellcheck shell=bash
+# Helpers shared by the tests/bundle checks. Source it; do not run it.
+#
+# Every check prints exactly one line per result, which tests/bundle/run counts:
+#   PASS: <name>
+#   FAIL: <name>: <why>
+#   *** SKIP: <name>: <why> ***
+# A component that cannot be installed or started is a SKIP, except when
+# CI=true, where it is a FAIL (as scripts/test does for the S3 server), unless
+# the caller says the skip is allowed in CI (the Docker engine, features the
+# binary does not have yet).
+
+bundle_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+bundle_dir="$bundle_root/tests/bundle"
+bundle_cache=${ROOST_BUNDLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/roost-bundle}
+bundle_failed=0
+
+pass() { echo "PASS: $1"; }
+fail() {
+  echo "FAIL: $1: $2"
+  bundle_failed=1
+}
+skip() { echo "*** SKIP: $1: $2 ***"; }
+
+# unavailable NAME WHY: a component could not be installed or started.
+unavailable() {
+  if [ "${CI:-}" = "true" ]; then
+    fail "$1" "$2 (CI=true: a missing component is a failure)"
+  else
+    skip "$1" "$2"
+  fi
+}
+
+# check NAME CMD...: PASS when CMD exits 0, else FAIL with its last lines.
+check() {
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then
+    pass "$name"
+  else
+    fail "$name" "$(printf '%s\n' "$out" | tail -n 15)"
+  fi
+}
+
+# The private venv with the pinned tools of requirements.txt (Caddy, Compose,
+# websockets, PyYAML). Prints nothing; returns non-zero when pip fails.
+bundle_venv="$bundle_cache/venv"
+ensure_venv() {
+  local stamp="$bundle_venv/.requirements"
+  if [ -f "$stamp" ] && cmp -s "$stamp" "$bundle_dir/requirements.txt"; then
+    return 0
+  fi
+  mkdir -p "$bundle_cache"
+  python3 -m venv "$bundle_venv" >/dev/null 2>&1 || return 1
+  "$bundle_venv/bin/pip" install --quiet --disable-pip-version-check -r "$bundle_dir/requirements.txt" >"$bundle_cache/pip.log" 2>&1 ||
+    { tail -n 20 "$bundle_cache/pip.log" >&2; return 1; }
+  cp "$bundle_dir/requirements.txt" "$stamp"
+}
+
+# apt_install PKG...: installs Debian packages when running as root.
+apt_install() {
+  [ "$(id -u)" -eq 0 ] || return 1
+  command -v apt-get >/dev/null || return 1
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends "$@" >"$bundle_cache/apt.log" 2>&1 && return 0
+  apt-get update -q >>"$bundle_cache/apt.log" 2>&1 || true
+  apt-get install -y -q --no-install-recommends "$@" >>"$bundle_cache/apt.log" 2>&1
+}
+mkdir -p "$bundle_cache"
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_for SECONDS CMD...: retries CMD every 0.2 s until it succeeds.
+wait_for() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+# The roost binary under test: ROOST_BIN, else target/debug/roost.
+roost_bin=${ROOST_BIN:-$bundle_root/target/debug/roost}
+
+# has_subcommand NAME: whether the binary knows `roost NAME`.
+has_subcommand() {
+  "$roost_bin" "$1" --help >/dev/null 2>&1
+}
