@@ -38,6 +38,7 @@ pub struct Inner {
     /// For untrusted destinations (proxied calls, did:web): SSRF-safe.
     pub outbound: reqwest::Client,
     pub did_resolver: crate::proxy::DidResolver,
+    pub handle_resolver: crate::handle::HandleResolver,
 }
 
 impl std::ops::Deref for AppState {
@@ -86,6 +87,7 @@ impl App {
             config.dev_mode,
         );
         let state = AppState(Arc::new(Inner {
+            handle_resolver: crate::handle::HandleResolver::new(outbound.clone()),
             outbound,
             did_resolver,
             tokens: TokenIssuer::new(&jwt_secret, config.service_did.clone()),

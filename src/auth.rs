@@ -98,6 +98,16 @@ pub fn random_id() -> String {
     hex::encode(bytes)
 }
 
+/// A short code for out-of-band confirmation (e.g. `abcde-23456`), as the
+/// reference PDS's email tokens.
+pub fn random_token() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut rng = rand::rng();
+    let mut part =
+        || (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect::<String>();
+    format!("{}-{}", part(), part())
+}
+
 /// A random password for a generated account (printed once at creation).
 pub fn random_password() -> String {
     const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";

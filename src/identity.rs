@@ -89,6 +89,15 @@ impl KeyStore {
         Ok(())
     }
 
+    /// Forgets a deleted account's key (a missing file is fine).
+    pub fn remove_repo_key(&self, did: &str) -> anyhow::Result<()> {
+        self.repo_keys.write().unwrap_or_else(|p| p.into_inner()).remove(did);
+        match std::fs::remove_file(self.repo_key_path(did)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// The repo signing key of a local account (parsed once, then cached).
     pub fn repo_key(&self, did: &str) -> anyhow::Result<SigningKey> {
         if let Some(k) = self.repo_keys.read().unwrap_or_else(|p| p.into_inner()).get(did) {
@@ -112,6 +121,33 @@ pub fn genesis_op(
     handle: &str,
     endpoint: &str,
 ) -> anyhow::Result<GenesisOp> {
+    let op = signed_plc_op(rotation, repo_key, handle, endpoint, None)?;
+    let signed = encode_cbor(&json_to_ipld(&op)?)?;
+    let hash = Sha256::digest(&signed);
+    let b32 = base32_lower(&hash);
+    Ok(GenesisOp { did: format!("did:plc:{}", &b32[..24]), op })
+}
+
+/// The next operation after `prev` (the signed op now at the head of the
+/// DID's log): same keys and service, a new handle. Signed with the rotation key.
+pub fn update_handle_op(
+    rotation: &SigningKey,
+    repo_key: &PublicKey,
+    handle: &str,
+    endpoint: &str,
+    prev: &Value,
+) -> anyhow::Result<Value> {
+    let prev_cid = crate::atp::data::cid_for_cbor(&encode_cbor(&json_to_ipld(prev)?)?);
+    signed_plc_op(rotation, repo_key, handle, endpoint, Some(prev_cid.to_string()))
+}
+
+fn signed_plc_op(
+    rotation: &SigningKey,
+    repo_key: &PublicKey,
+    handle: &str,
+    endpoint: &str,
+    prev: Option<String>,
+) -> anyhow::Result<Value> {
     let mut op = json!({
         "type": "plc_operation",
         "rotationKeys": [rotation.public_key().to_did_key()],
@@ -120,15 +156,12 @@ pub fn genesis_op(
         "services": {
             "atproto_pds": { "type": "AtprotoPersonalDataServer", "endpoint": endpoint }
         },
-        "prev": null,
+        "prev": prev,
     });
     let unsigned = encode_cbor(&json_to_ipld(&op)?)?;
     let sig = rotation.sign(&unsigned);
     op["sig"] = Value::String(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig));
-    let signed = encode_cbor(&json_to_ipld(&op)?)?;
-    let hash = Sha256::digest(&signed);
-    let b32 = base32_lower(&hash);
-    Ok(GenesisOp { did: format!("did:plc:{}", &b32[..24]), op })
+    Ok(op)
 }
 
 /// RFC 4648 base32, lowercase, no padding (the PLC DID alphabet).
@@ -192,6 +225,16 @@ impl PlcClient {
             "PLC directory refused the operation ({status}): {}",
             body.chars().take(300).collect::<String>()
         )
+    }
+
+    /// The operation at the head of `did`'s log (`prev` for the next one).
+    pub async fn last_op(&self, did: &str) -> anyhow::Result<Value> {
+        let url = format!("{}/{}/log/last", self.base, did);
+        let resp = self.http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        if !resp.status().is_success() {
+            anyhow::bail!("PLC directory has no log for {did} ({})", resp.status());
+        }
+        Ok(resp.json().await?)
     }
 
     pub async fn has_did(&self, did: &str) -> anyhow::Result<bool> {

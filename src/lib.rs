@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod config;
 pub mod crawl;
 pub mod db;
+pub mod handle;
 pub mod identity;
 pub mod lexicon;
 pub mod proxy;

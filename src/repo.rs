@@ -266,6 +266,91 @@ impl RepoService {
         Ok(CommitInfo { cid: signed.cid, rev: rev.to_string() })
     }
 
+    /// Sets an account `active` or `deactivated` and emits what the sync spec
+    /// asks for, in one transaction: `#account`, and on activation also
+    /// `#identity` and `#sync` (consumers may have dropped the repo meanwhile).
+    pub async fn set_account_active(&self, did: &str, handle: &str, active: bool) -> Result<(), RepoError> {
+        let lock = self.lock_for(did);
+        let _guard = lock.lock().await;
+        let root = self.db.repo_root(did).await?.ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
+        let commit_bytes = self
+            .db
+            .block(did, &root.commit_cid)
+            .await?
+            .ok_or_else(|| RepoError::Internal(anyhow::anyhow!("commit block of {did} is missing")))?;
+        let time = now_datetime();
+        let status = if active { "active" } else { "deactivated" };
+        let _seq_guard = self.sequencer.write_lock().await;
+        let mut tx = self.db.begin_write().await?;
+        crate::db::accounts::set_status(&mut tx, did, status).await?;
+        let mut frames = Vec::new();
+        if active {
+            frames.push(
+                append_event(&mut tx, did, "identity", |seq| {
+                    Ok(event::identity_frame(seq, did, Some(handle), &time)?)
+                })
+                .await?,
+            );
+        }
+        let inactive_status = (!active).then_some(status);
+        frames.push(
+            append_event(&mut tx, did, "account", |seq| {
+                Ok(event::account_frame(seq, did, active, inactive_status, &time)?)
+            })
+            .await?,
+        );
+        if active {
+            let car = car_of(root.commit_cid, &[(root.commit_cid, &commit_bytes)]);
+            frames.push(
+                append_event(&mut tx, did, "sync", |seq| {
+                    Ok(event::sync_frame(seq, did, car, &root.rev, &time)?)
+                })
+                .await?,
+            );
+        }
+        tx.commit().await?;
+        self.sequencer.publish(frames);
+        Ok(())
+    }
+
+    /// Records a new handle and emits `#identity` in the same transaction.
+    pub async fn set_handle(&self, did: &str, handle: &str) -> Result<(), RepoError> {
+        let time = now_datetime();
+        let _seq_guard = self.sequencer.write_lock().await;
+        let mut tx = self.db.begin_write().await?;
+        crate::db::accounts::set_handle(&mut tx, did, handle).await.map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                RepoError::InvalidRequest("Handle already taken".into())
+            }
+            _ => RepoError::from(e),
+        })?;
+        let frame = append_event(&mut tx, did, "identity", |seq| {
+            Ok(event::identity_frame(seq, did, Some(handle), &time)?)
+        })
+        .await?;
+        tx.commit().await?;
+        self.sequencer.publish(vec![frame]);
+        Ok(())
+    }
+
+    /// Deletes the account and all its data, emitting `#account` with
+    /// `status: deleted` (the only event of this DID left in the log).
+    pub async fn delete_account(&self, did: &str) -> Result<(), RepoError> {
+        let lock = self.lock_for(did);
+        let _guard = lock.lock().await;
+        let time = now_datetime();
+        let _seq_guard = self.sequencer.write_lock().await;
+        let mut tx = self.db.begin_write().await?;
+        crate::db::accounts::delete_account_in(&mut tx, did).await?;
+        let frame = append_event(&mut tx, did, "account", |seq| {
+            Ok(event::account_frame(seq, did, false, Some("deleted"), &time)?)
+        })
+        .await?;
+        tx.commit().await?;
+        self.sequencer.publish(vec![frame]);
+        Ok(())
+    }
+
     /// Applies a batch of writes as one commit.
     #[tracing::instrument(skip_all, fields(did = did, writes = writes.len()))]
     pub async fn apply_writes(

@@ -1008,3 +1008,127 @@ async fn shutdown_ends_replaying_streams_cleanly() {
     assert!(failures.is_empty(), "{failures:#?}");
     drop(tmp);
 }
+
+fn text(f: &Frame, field: &str) -> Option<String> {
+    match f.body.get(field) {
+        Some(Ipld::String(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn flag(f: &Frame, field: &str) -> Option<bool> {
+    match f.body.get(field) {
+        Some(Ipld::Bool(b)) => Some(*b),
+        _ => None,
+    }
+}
+
+/// Status changes and handle changes reach the firehose as the sync spec
+/// says: `#account` on deactivate/activate/delete, `#identity` + `#sync` on
+/// activation, `#identity` on a handle change (after the PLC update).
+#[tokio::test]
+async fn account_lifecycle_events() {
+    let pds = TestPds::spawn().await;
+    let (access, _) = pds.login().await;
+    let mut ws = connect(pds.port, "").await;
+
+    let (status, body) = pds.post("com.atproto.server.deactivateAccount", Some(&access), &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let f = frame(&mut ws).await;
+    assert_eq!(
+        (f.t(), text(&f, "did"), flag(&f, "active")),
+        ("#account", Some(pds.did.clone()), Some(false))
+    );
+    assert_eq!(text(&f, "status").as_deref(), Some("deactivated"));
+    let (status, body) = pds
+        .post(
+            "com.atproto.repo.createRecord",
+            Some(&access),
+            &json!({"repo": pds.did, "collection": "app.bsky.feed.post", "record": post("while away")}),
+        )
+        .await;
+    assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("AccountDeactivated")), "{body}");
+    let (_, st) = pds.get_auth("com.atproto.server.checkAccountStatus", &access, &[]).await;
+    assert_eq!(st["activated"], false, "{st}");
+    assert_eq!(st["validDid"], true, "the mock PLC holds our key and endpoint: {st}");
+
+    let (status, _) = pds.post("com.atproto.server.activateAccount", Some(&access), &json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = frames(&mut ws, 3).await;
+    let kinds: Vec<&str> = got.iter().map(Frame::t).collect();
+    assert_eq!(kinds, ["#identity", "#account", "#sync"]);
+    assert_eq!(text(&got[0], "handle"), Some(pds.handle.clone()));
+    assert_eq!(flag(&got[1], "active"), Some(true));
+    let (_, rev) = pds.latest_commit(&pds.did).await;
+    assert_eq!(text(&got[2], "rev"), Some(rev));
+    let (_, st) = pds.get_auth("com.atproto.server.checkAccountStatus", &access, &[]).await;
+    assert_eq!(st["activated"], true);
+    assert!(st["indexedRecords"].as_i64().is_some() && st["repoBlocks"].as_i64().unwrap_or(0) > 0, "{st}");
+
+    // A new handle: signed PLC update (checked by the mock: prev chain and
+    // rotation-key signature), then #identity.
+    let (status, body) = pds
+        .post("com.atproto.identity.updateHandle", Some(&access), &json!({"handle": "Renamed.test"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let f = frame(&mut ws).await;
+    assert_eq!((f.t(), text(&f, "handle").as_deref()), ("#identity", Some("renamed.test")));
+    let ops = pds.plc.ops(&pds.did);
+    assert_eq!(ops.len(), 2, "genesis + update");
+    assert_eq!(ops[1]["alsoKnownAs"], json!(["at://renamed.test"]));
+    let (status, body) = pds.get("com.atproto.identity.resolveHandle", &[("handle", "renamed.test")]).await;
+    assert_eq!((status, body["did"].as_str()), (StatusCode::OK, Some(pds.did.as_str())));
+    let (status, body) = pds
+        .post("com.atproto.identity.updateHandle", Some(&access), &json!({"handle": "nobody.invalid"}))
+        .await;
+    assert_eq!(status.as_u16(), 400, "an external handle must resolve to the DID first: {body}");
+    let (status, body) =
+        pds.post("com.atproto.identity.updateHandle", Some(&access), &json!({"handle": "no spaces"})).await;
+    assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("InvalidHandle")), "{body}");
+
+    // Deletion needs the out-of-band token.
+    let (status, _) = pds.post("com.atproto.server.requestAccountDelete", Some(&access), &json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    let db = roost::db::Db::open(&pds.data_dir.join("roost.sqlite")).await.expect("db");
+    let token = db.account_token(&pds.did, "delete_account").await.expect("query").expect("token stored");
+    let (status, body) = pds
+        .post(
+            "com.atproto.server.deleteAccount",
+            None,
+            &json!({"did": pds.did, "password": pds.password, "token": "wrong-token"}),
+        )
+        .await;
+    assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("InvalidToken")), "{body}");
+    let (status, body) = pds
+        .post(
+            "com.atproto.server.deleteAccount",
+            None,
+            &json!({"did": pds.did, "password": "bad", "token": token}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 401, "{body}");
+    let (status, body) = pds
+        .post(
+            "com.atproto.server.deleteAccount",
+            None,
+            &json!({"did": pds.did, "password": pds.password, "token": token}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let f = frame(&mut ws).await;
+    assert_eq!(
+        (f.t(), flag(&f, "active"), text(&f, "status").as_deref()),
+        ("#account", Some(false), Some("deleted"))
+    );
+    let (status, _) = pds.get("com.atproto.sync.getLatestCommit", &[("did", &pds.did)]).await;
+    assert_eq!(status.as_u16(), 400);
+    let (status, _) = pds
+        .post(
+            "com.atproto.server.createSession",
+            None,
+            &json!({"identifier": pds.handle, "password": pds.password}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 401);
+    assert_eq!(db.repo_counts(&pds.did).await.expect("counts").blocks, 0, "no block left behind");
+}

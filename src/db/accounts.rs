@@ -83,3 +83,69 @@ pub(crate) async fn set_status(
         .await
         .map(|_| ())
 }
+
+pub(crate) async fn set_handle(
+    conn: &mut SqliteConnection,
+    did: &str,
+    handle: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE account SET handle = ? WHERE did = ?")
+        .bind(handle)
+        .bind(did)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Removes everything Roost holds for `did`: repository, records, blobs
+/// (large-store objects are queued for deletion), its firehose history and
+/// the account row (which cascades to sessions, app passwords, preferences
+/// and tokens). Runs inside the caller's transaction.
+pub(crate) async fn delete_account_in(conn: &mut SqliteConnection, did: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO blob_deletion (did, cid, tier, enqueued_at)
+         SELECT did, cid, tier, ? FROM blob WHERE did = ? AND tier != 'sqlite'",
+    )
+    .bind(super::now_unix())
+    .bind(did)
+    .execute(&mut *conn)
+    .await?;
+    for statement in [
+        "DELETE FROM blob WHERE did = ?",
+        "DELETE FROM record_blob WHERE did = ?",
+        "DELETE FROM block WHERE did = ?",
+        "DELETE FROM record WHERE did = ?",
+        "DELETE FROM seq_event WHERE did = ?",
+        "DELETE FROM account WHERE did = ?",
+    ] {
+        sqlx::query(statement).bind(did).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Counts for `com.atproto.server.checkAccountStatus`.
+#[derive(Debug, Default)]
+pub struct RepoCounts {
+    pub blocks: i64,
+    pub records: i64,
+    pub preferences: i64,
+    pub expected_blobs: i64,
+    pub imported_blobs: i64,
+}
+
+impl Db {
+    pub async fn repo_counts(&self, did: &str) -> Result<RepoCounts, sqlx::Error> {
+        let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).bind(did).fetch_one(&self.pool);
+        Ok(RepoCounts {
+            blocks: count("SELECT COUNT(*) FROM block WHERE did = ?").await?,
+            records: count("SELECT COUNT(*) FROM record WHERE did = ?").await?,
+            preferences: count("SELECT COUNT(*) FROM preference WHERE did = ?").await?,
+            expected_blobs: count("SELECT COUNT(DISTINCT blob_cid) FROM record_blob WHERE did = ?").await?,
+            imported_blobs: count(
+                "SELECT COUNT(*) FROM blob b WHERE did = ?1
+                   AND EXISTS (SELECT 1 FROM record_blob r WHERE r.did = b.did AND r.blob_cid = b.cid)",
+            )
+            .await?,
+        })
+    }
+}

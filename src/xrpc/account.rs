@@ -196,3 +196,180 @@ pub async fn get_service_auth(
     let token = crate::service_auth::mint(&key, &auth.did, &p.aud, p.lxm.as_deref(), p.exp);
     Ok(Json(json!({ "token": token })))
 }
+
+/// # `com.atproto.server.checkAccountStatus`
+pub async fn check_account_status(State(state): State<AppState>, auth: Access) -> XrpcResult<Json<Value>> {
+    let account = state
+        .db
+        .account_by_did(&auth.did)
+        .await?
+        .ok_or_else(|| XrpcError::lexicon("InvalidToken", "Account not found"))?;
+    let root = state.db.repo_root(&auth.did).await?;
+    let counts = state.db.repo_counts(&auth.did).await?;
+    // "validDid": the DID document out there points at this server with our key.
+    let key = state.keys.repo_key(&auth.did)?.public_key();
+    let valid_did = match state.did_resolver.resolve(&auth.did).await {
+        Ok(doc) => {
+            crate::proxy::service_endpoint(&doc, &auth.did, "#atproto_pds").as_deref()
+                == Some(state.config.public_url().as_str())
+                && doc_key(&doc, &auth.did).is_some_and(|k| k == key.to_multibase())
+        }
+        Err(_) => false,
+    };
+    Ok(Json(json!({
+        "activated": account.status == "active",
+        "validDid": valid_did,
+        "repoCommit": root.as_ref().map(|r| r.commit_cid.to_string()),
+        "repoRev": root.as_ref().map(|r| r.rev.clone()),
+        "repoBlocks": counts.blocks,
+        "indexedRecords": counts.records,
+        "privateStateValues": counts.preferences,
+        "expectedBlobs": counts.expected_blobs,
+        "importedBlobs": counts.imported_blobs,
+    })))
+}
+
+/// The `#atproto` key of a DID document, as multibase.
+fn doc_key(doc: &Value, did: &str) -> Option<String> {
+    doc.get("verificationMethod")?.as_array()?.iter().find_map(|vm| {
+        let id = vm.get("id")?.as_str()?;
+        (id == "#atproto" || id.strip_prefix(did) == Some("#atproto"))
+            .then(|| vm.get("publicKeyMultibase")?.as_str().map(str::to_owned))?
+    })
+}
+
+async fn account_of(state: &AppState, did: &str) -> XrpcResult<crate::db::accounts::AccountRow> {
+    state.db.account_by_did(did).await?.ok_or_else(|| XrpcError::lexicon("InvalidToken", "Account not found"))
+}
+
+/// # `com.atproto.server.activateAccount`
+pub async fn activate_account(State(state): State<AppState>, auth: Access) -> XrpcResult<Json<Value>> {
+    auth.require_full()?;
+    let account = account_of(&state, &auth.did).await?;
+    if account.status == "takendown" {
+        return Err(XrpcError::invalid_request("Account has been taken down"));
+    }
+    state.repo.set_account_active(&auth.did, &account.handle, true).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct DeactivateInput {
+    #[serde(default, rename = "deleteAfter")]
+    _delete_after: Option<String>,
+}
+
+/// # `com.atproto.server.deactivateAccount`
+pub async fn deactivate_account(
+    State(state): State<AppState>,
+    auth: Access,
+    XrpcJson(_input): XrpcJson<DeactivateInput>,
+) -> XrpcResult<Json<Value>> {
+    auth.require_full()?;
+    let account = account_of(&state, &auth.did).await?;
+    if account.status != "active" {
+        return Err(XrpcError::invalid_request("Account is not active"));
+    }
+    state.repo.set_account_active(&auth.did, &account.handle, false).await?;
+    Ok(Json(json!({})))
+}
+
+/// Purpose name and lifetime of the deleteAccount confirmation token.
+const DELETE_TOKEN: &str = "delete_account";
+const DELETE_TOKEN_LIFETIME_SECS: i64 = 15 * 60;
+
+/// # `com.atproto.server.requestAccountDelete`
+///
+/// Roost sends no email yet: the token is stored and the operator reads it
+/// with `roost account tokens <handle>` and passes it on.
+pub async fn request_account_delete(State(state): State<AppState>, auth: Access) -> XrpcResult<Json<Value>> {
+    auth.require_full()?;
+    let token = crate::auth::random_token();
+    state.db.put_account_token(&auth.did, DELETE_TOKEN, &token, DELETE_TOKEN_LIFETIME_SECS).await?;
+    tracing::info!(did = %auth.did, "account deletion requested; token available through `roost account tokens`");
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct DeleteAccountInput {
+    did: String,
+    password: String,
+    token: String,
+}
+
+/// # `com.atproto.server.deleteAccount` (no session: did + password + token)
+pub async fn delete_account(
+    State(state): State<AppState>,
+    XrpcJson(input): XrpcJson<DeleteAccountInput>,
+) -> XrpcResult<Json<Value>> {
+    let Some(account) = state.db.account_by_did(&input.did).await? else {
+        return Err(XrpcError::invalid_request("account not found"));
+    };
+    let hash = account.password_hash.clone();
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&input.password, &hash))
+        .await
+        .map_err(|e| XrpcError::internal(anyhow::anyhow!(e)))?;
+    if !ok {
+        return Err(XrpcError::auth_required("Invalid did or password"));
+    }
+    let expected = state.db.account_token(&account.did, DELETE_TOKEN).await?;
+    let token_ok = expected.is_some_and(|t| {
+        use subtle::ConstantTimeEq as _;
+        bool::from(t.as_bytes().ct_eq(input.token.trim().as_bytes()))
+    });
+    if !token_ok {
+        return Err(XrpcError::lexicon("InvalidToken", "Token is invalid"));
+    }
+    state.repo.delete_account(&account.did).await?;
+    state.keys.remove_repo_key(&account.did)?;
+    // Large blobs were queued for deletion in the same transaction.
+    if let Err(e) = state.blobs.process_deletions().await {
+        tracing::warn!(error = %e, "deleting the account's blobs failed; the sweep retries");
+    }
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct UpdateHandleInput {
+    handle: String,
+}
+
+/// # `com.atproto.identity.updateHandle`
+pub async fn update_handle(
+    State(state): State<AppState>,
+    auth: Access,
+    XrpcJson(input): XrpcJson<UpdateHandleInput>,
+) -> XrpcResult<Json<Value>> {
+    auth.require_full()?;
+    let handle = input.handle.trim().to_ascii_lowercase();
+    crate::atp::syntax::Handle::new(handle.clone())
+        .map_err(|e| XrpcError::lexicon("InvalidHandle", e.to_string()))?;
+    let account = account_of(&state, &auth.did).await?;
+    if state.config.is_service_handle(&handle) {
+        if let Some(other) = state.db.account_by_handle(&handle).await?
+            && other.did != auth.did
+        {
+            return Err(XrpcError::lexicon("HandleNotAvailable", format!("Handle already taken: {handle}")));
+        }
+    } else if handle.ends_with(".test") && !state.config.dev_mode {
+        return Err(XrpcError::lexicon("UnsupportedDomain", "Not a supported handle domain"));
+    } else if state.handle_resolver.resolve(&handle).await.as_deref() != Some(auth.did.as_str()) {
+        return Err(XrpcError::invalid_request("External handle did not resolve to DID"));
+    }
+    if handle != account.handle && auth.did.starts_with("did:plc:") {
+        let key = state.keys.repo_key(&auth.did)?.public_key();
+        let prev = state.plc.last_op(&auth.did).await.map_err(XrpcError::internal)?;
+        let op = crate::identity::update_handle_op(
+            state.keys.rotation_key(),
+            &key,
+            &handle,
+            &state.config.public_url(),
+            &prev,
+        )?;
+        state.plc.submit(&auth.did, &op).await.map_err(XrpcError::internal)?;
+    }
+    // Emitted even when the handle is unchanged, so a consumer that missed
+    // the last change can recover (as the reference PDS does).
+    state.repo.set_handle(&auth.did, &handle).await?;
+    Ok(Json(json!({})))
+}

@@ -63,6 +63,12 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.server.getServiceAuth", get(account::get_service_auth)),
         ("app.bsky.actor.getPreferences", get(account::get_preferences)),
         ("app.bsky.actor.putPreferences", post(account::put_preferences)),
+        ("com.atproto.server.checkAccountStatus", get(account::check_account_status)),
+        ("com.atproto.server.activateAccount", post(account::activate_account)),
+        ("com.atproto.server.deactivateAccount", post(account::deactivate_account)),
+        ("com.atproto.server.requestAccountDelete", post(account::request_account_delete)),
+        ("com.atproto.server.deleteAccount", post(account::delete_account)),
+        ("com.atproto.identity.updateHandle", post(account::update_handle)),
     ];
     let mut router = Router::new()
         .route("/", get(banner))

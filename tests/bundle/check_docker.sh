@@ -17,6 +17,8 @@
 # sandbox may not have). Everything runs with --network none except the image
 # build (host network, for apt and crates), and dockerd is started with
 # --bridge=none --iptables=false so it leaves the host's network alone.
+# Functions below run through check(), which shellcheck cannot follow.
+# shellcheck disable=SC2317
 set -uo pipefail
 # shellcheck source=tests/bundle/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -37,6 +39,10 @@ cleanup() {
       kill -0 "$dockerd_pid" 2>/dev/null || break
       [ "$i" -lt 100 ] || kill -9 "$dockerd_pid" 2>/dev/null || true
       sleep 0.2
+    done
+    # dockerd leaves its default network namespace mounted under exec-root.
+    awk -v d="$tmp/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
+      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   fi
   rm -rf "$tmp"
@@ -92,7 +98,10 @@ required_fails_loudly() {
   out=$(compose config -q 2>&1)
   local status=$?
   sed -i 's/^PDS_HOSTNAME=$/PDS_HOSTNAME=pds.example.com/' "$project/.env"
-  [ "$status" -ne 0 ] && grep -q 'PDS_HOSTNAME' <<<"$out" || { echo "config with an empty PDS_HOSTNAME: exit $status: $out"; return 1; }
+  if [ "$status" -eq 0 ] || ! grep -q 'PDS_HOSTNAME' <<<"$out"; then
+    echo "config with an empty PDS_HOSTNAME: exit $status: $out"
+    return 1
+  fi
 }
 check "docker compose config refuses an empty PDS_HOSTNAME, naming it" required_fails_loudly
 
@@ -162,7 +171,8 @@ mkdir -p "$tmp/rust"
 if [ "${ROOST_BUNDLE_DOCKER_FULL_BUILD:-}" = 1 ]; then
   # The real toolchain of this machine, copied in, and a real build.
   sysroot=$(rustc --print sysroot)
-  cp -a "$sysroot" "$tmp/rust/toolchain"
+  mkdir -p "$tmp/rust/toolchain"
+  cp -a "$sysroot/bin" "$sysroot/lib" "$sysroot/libexec" "$tmp/rust/toolchain/"
   cat >"$tmp/rust/Dockerfile" <<EOF
 FROM $base
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev ca-certificates && rm -rf /var/lib/apt/lists/*
@@ -214,7 +224,9 @@ check_config() {
   local user hc
   user=$(docker image inspect -f '{{.Config.User}}' "$image")
   hc=$(docker image inspect -f '{{json .Config.Healthcheck.Test}}' "$image")
-  [ "${user%%:*}" != "" ] && [ "${user%%:*}" != 0 ] && [ "${user%%:*}" != root ] || { echo "image user is '$user'"; return 1; }
+  case "${user%%:*}" in
+    "" | 0 | root) echo "image user is '$user'"; return 1 ;;
+  esac
   [ "$hc" = '["CMD","roost","healthcheck"]' ] || { echo "image healthcheck is $hc"; return 1; }
   [ "$(docker image inspect -f '{{json .Config.Volumes}}' "$image")" = '{"/pds":{}}' ] || { echo "no /pds volume"; return 1; }
 }

@@ -2,6 +2,8 @@
 # promtool: the Prometheus config, the alert rules, and their unit tests.
 # promtool comes from Debian's `prometheus` package (installed when missing and
 # running as root).
+# Functions below run through check(), which shellcheck cannot follow.
+# shellcheck disable=SC2317
 set -uo pipefail
 # shellcheck source=tests/bundle/lib.sh
 . "$(dirname "$0")/lib.sh"

@@ -13,7 +13,8 @@
 bundle_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 bundle_dir="$bundle_root/tests/bundle"
 bundle_cache=${ROOST_BUNDLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/roost-bundle}
-bundle_failed=0
+# Set to 1 by fail(); each check script exits with it.
+export bundle_failed=0
 
 pass() { echo "PASS: $1"; }
 fail() {

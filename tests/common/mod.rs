@@ -149,6 +149,34 @@ pub fn check_genesis_op(did: &str, op: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The checks PLC applies to a non-genesis operation: `prev` is the CID of
+/// the current head, and a rotation key of the head signed it.
+pub fn check_update_op(prev: &Value, op: &Value) -> Result<(), String> {
+    let prev_cid = roost::atp::data::cid_for_cbor(
+        &encode_cbor(&json_to_ipld(prev).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
+    );
+    if op.get("prev").and_then(Value::as_str) != Some(prev_cid.to_string().as_str()) {
+        return Err(format!("prev must be {prev_cid}"));
+    }
+    let sig = op.get("sig").and_then(Value::as_str).ok_or("sig missing")?;
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|e| format!("sig is not base64url: {e}"))?;
+    let mut unsigned = op.clone();
+    if let Some(o) = unsigned.as_object_mut() {
+        o.remove("sig");
+    }
+    let unsigned =
+        encode_cbor(&json_to_ipld(&unsigned).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let keys = prev.get("rotationKeys").and_then(Value::as_array).ok_or("head has no rotationKeys")?;
+    let signed_by_rotation_key = keys
+        .iter()
+        .filter_map(Value::as_str)
+        .any(|k| PublicKey::from_did_key(k).is_ok_and(|key| key.verify(&unsigned, &sig).is_ok()));
+    if !signed_by_rotation_key {
+        return Err("signature does not verify against the head's rotation keys".into());
+    }
+    Ok(())
+}
+
 /// The DID document a PLC directory renders for the latest operation.
 pub fn plc_did_document(did: &str, op: &Value) -> Value {
     let key = op["verificationMethods"]["atproto"].as_str().unwrap_or_default();
@@ -190,12 +218,17 @@ async fn plc_post(
             return (AxStatus::BAD_REQUEST, Json(json!({ "message": format!("invalid JSON: {e}") })));
         }
     };
-    if log.ops.contains_key(&did) {
-        log.rejected += 1;
-        return (
-            AxStatus::BAD_REQUEST,
-            Json(json!({ "message": "DID already exists (mock accepts genesis ops only)" })),
-        );
+    if let Some(prev) = log.ops.get(&did).and_then(|ops| ops.last()).cloned() {
+        return match check_update_op(&prev, &op) {
+            Ok(()) => {
+                log.ops.entry(did).or_default().push(op);
+                (AxStatus::OK, Json(json!({})))
+            }
+            Err(message) => {
+                log.rejected += 1;
+                (AxStatus::BAD_REQUEST, Json(json!({ "message": message })))
+            }
+        };
     }
     match check_genesis_op(&did, &op) {
         Ok(()) => {
@@ -225,12 +258,21 @@ async fn plc_ops_log(State(log): State<PlcState>, AxPath(did): AxPath<String>) -
     }
 }
 
+async fn plc_last_op(State(log): State<PlcState>, AxPath(did): AxPath<String>) -> (AxStatus, Json<Value>) {
+    let log = log.lock().expect("plc log");
+    match log.ops.get(&did).and_then(|ops| ops.last()) {
+        Some(op) => (AxStatus::OK, Json(op.clone())),
+        None => (AxStatus::NOT_FOUND, Json(json!({ "message": format!("DID not registered: {did}") }))),
+    }
+}
+
 impl MockPlc {
     pub async fn start() -> Arc<MockPlc> {
         let log: PlcState = Arc::default();
         let router = axum::Router::new()
             .route("/{did}", get(plc_doc).post(plc_post))
             .route("/{did}/log", get(plc_ops_log))
+            .route("/{did}/log/last", get(plc_last_op))
             .with_state(log.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind plc");
         let port = listener.local_addr().expect("plc addr").port();
