@@ -282,7 +282,6 @@ fn cases(did: &str) -> Vec<Case> {
             create_with(json!({ "$type": "app.bsky.feed.like", "text": "x" })),
             INVALID,
         ),
-        write("$type missing", create, create_with(json!({ "text": "x" })), INVALID),
         write("$type not a string", create, create_with(json!({ "$type": 5 })), INVALID),
         write("record is a string", create, create_with(json!("just text")), INVALID),
         write("record is an array", create, create_with(json!([rec])), INVALID),

@@ -1016,3 +1016,21 @@ async fn restart_on_the_same_data_dir_keeps_identity_and_records() {
     assert_eq!(snap.leaves.len(), 5);
     second.stop().await;
 }
+
+/// As the reference PDS: a record without `$type` takes its collection's.
+#[tokio::test]
+async fn record_without_type_is_given_the_collection() {
+    let pds = TestPds::spawn().await;
+    let (access, _) = pds.login().await;
+    let (status, body) = pds
+        .post(
+            "com.atproto.repo.createRecord",
+            Some(&access),
+            &serde_json::json!({"repo": pds.did, "collection": "app.bsky.feed.post", "rkey": "notype",
+                "record": {"text": "hi", "createdAt": "2024-01-01T00:00:00.000Z"}}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let (_, value) = pds.record(&pds.did, "app.bsky.feed.post", "notype").await.expect("stored");
+    assert_eq!(value["$type"], "app.bsky.feed.post");
+}

@@ -212,7 +212,7 @@ pub async fn check_account_status(State(state): State<AppState>, auth: Access) -
         Ok(doc) => {
             crate::proxy::service_endpoint(&doc, &auth.did, "#atproto_pds").as_deref()
                 == Some(state.config.public_url().as_str())
-                && doc_key(&doc, &auth.did).is_some_and(|k| k == key.to_multibase())
+                && doc_key(&doc, &auth.did).is_some_and(|k| k == key)
         }
         Err(_) => false,
     };
@@ -229,13 +229,24 @@ pub async fn check_account_status(State(state): State<AppState>, auth: Access) -
     })))
 }
 
-/// The `#atproto` key of a DID document, as multibase.
-fn doc_key(doc: &Value, did: &str) -> Option<String> {
-    doc.get("verificationMethod")?.as_array()?.iter().find_map(|vm| {
-        let id = vm.get("id")?.as_str()?;
-        (id == "#atproto" || id.strip_prefix(did) == Some("#atproto"))
-            .then(|| vm.get("publicKeyMultibase")?.as_str().map(str::to_owned))?
-    })
+/// The `#atproto` key of a DID document, in the `Multikey` form or the
+/// legacy 2019 key types (which the DID spec asks resolvers to accept).
+fn doc_key(doc: &Value, did: &str) -> Option<crate::atp::keys::PublicKey> {
+    use crate::atp::keys::{KeyAlgorithm, PublicKey};
+    let vm = doc.get("verificationMethod")?.as_array()?.iter().find(|vm| {
+        vm.get("id")
+            .and_then(Value::as_str)
+            .is_some_and(|id| id == "#atproto" || id.strip_prefix(did) == Some("#atproto"))
+    })?;
+    let multibase = vm.get("publicKeyMultibase")?.as_str()?;
+    match vm.get("type")?.as_str()? {
+        "Multikey" => PublicKey::from_multibase(multibase).ok(),
+        legacy => PublicKey::from_legacy_multibase(
+            KeyAlgorithm::from_legacy_verification_method(legacy)?,
+            multibase,
+        )
+        .ok(),
+    }
 }
 
 async fn account_of(state: &AppState, did: &str) -> XrpcResult<crate::db::accounts::AccountRow> {

@@ -70,6 +70,18 @@ fn parse_record(
     value: &Value,
     validate: Option<bool>,
 ) -> XrpcResult<(Ipld, Option<&'static str>)> {
+    // A record without `$type` is of its collection's type: the reference
+    // PDS fills it in, and clients rely on that.
+    let filled;
+    let value = match value.as_object() {
+        Some(obj) if !obj.contains_key("$type") => {
+            let mut obj = obj.clone();
+            obj.insert("$type".into(), Value::String(collection.to_string()));
+            filled = Value::Object(obj);
+            &filled
+        }
+        _ => value,
+    };
     let record =
         record_from_json(value).map_err(|e| XrpcError::invalid_request(format!("Invalid record: {e}")))?;
     match value.get("$type").and_then(Value::as_str) {
