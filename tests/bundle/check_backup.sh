@@ -91,8 +91,11 @@ fi
 did=$(curl -fsS "http://127.0.0.1:$port/xrpc/com.atproto.identity.resolveHandle?handle=alice.$host" | python3 -c 'import json,sys; print(json.load(sys.stdin)["did"])')
 before=$(latest "$did")
 
+# backup-loop.sh calls `roost` from PATH: the binary under test, by that name.
+mkdir -p "$tmp/realbin"
+ln -s "$roost_bin" "$tmp/realbin/roost"
 backup_running() {
-  PDS_PORT=$port PDS_DATA_DIRECTORY="$tmp/data" PATH="$(dirname "$roost_bin"):$PATH" \
+  PDS_PORT=$port PDS_DATA_DIRECTORY="$tmp/data" PATH="$tmp/realbin:$PATH" \
     BACKUP_ONCE=1 BACKUP_DEST="$tmp/backups" sh "$loop" || return 1
   backup=$(find "$tmp/backups" -mindepth 1 -maxdepth 1 -name 'roost-*' | head -n 1)
   [ -f "$backup/manifest.json" ] || { echo "no manifest.json in $backup"; return 1; }
@@ -118,10 +121,13 @@ restore_and_serve() {
 check "backup: roost restore into an empty data directory; the restored server has the same repository" restore_and_serve
 refuses_nonempty() {
   sleep 1
-  if PDS_DATA_DIRECTORY="$tmp/restored" "$roost_bin" restore --from "$backup" >/dev/null 2>&1; then
+  if [ -z "$backup" ] || [ ! -f "$tmp/restored/roost.sqlite" ]; then echo "needs the restore above"; return 1; fi
+  if PDS_DATA_DIRECTORY="$tmp/restored" "$roost_bin" restore --from "$backup" >"$tmp/refused" 2>&1; then
     echo "restore overwrote a non-empty data directory without --force"
     return 1
   fi
+  cat "$tmp/refused"
+  grep -q -- '--force' "$tmp/refused" || { echo "the refusal does not mention --force"; return 1; }
 }
 check "backup: roost restore refuses a non-empty data directory without --force" refuses_nonempty
 exit "$bundle_failed"
