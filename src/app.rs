@@ -39,6 +39,7 @@ pub struct Inner {
     pub outbound: reqwest::Client,
     pub did_resolver: crate::proxy::DidResolver,
     pub handle_resolver: crate::handle::HandleResolver,
+    pub rate_limits: crate::ratelimit::RateLimits,
 }
 
 impl std::ops::Deref for AppState {
@@ -87,6 +88,7 @@ impl App {
             config.dev_mode,
         );
         let state = AppState(Arc::new(Inner {
+            rate_limits: crate::ratelimit::RateLimits::new(config.rate_limits_enabled),
             handle_resolver: crate::handle::HandleResolver::new(outbound.clone()),
             outbound,
             did_resolver,
@@ -206,6 +208,8 @@ async fn prune_events(state: AppState) {
             Ok(n) => tracing::info!(pruned = n, "pruned old firehose events"),
             Err(e) => tracing::warn!(error = %e, "pruning firehose events failed"),
         }
+        // Limiter state for clients that went quiet: bounded memory.
+        state.rate_limits.shrink();
     }
 }
 

@@ -87,6 +87,8 @@ pub struct RawConfig {
     pub proxy_max_response_bytes: u64,
     /// Whether `createAccount` needs an invite code (`PDS_INVITE_REQUIRED`, default true).
     pub invite_required: bool,
+    /// Per-IP, per-account and per-login limits (`PDS_RATE_LIMITS_ENABLED`, default true).
+    pub rate_limits_enabled: bool,
     /// How long a used refresh token may be replayed (`PDS_REFRESH_GRACE_SECONDS`, default 10).
     pub refresh_grace_seconds: u64,
     /// Largest JSON request body in bytes (`PDS_MAX_JSON_BYTES`, default 1 MiB).
@@ -158,6 +160,7 @@ impl Default for RawConfig {
             proxy_timeout_seconds: 30,
             proxy_max_response_bytes: 16 * 1024 * 1024,
             invite_required: true,
+            rate_limits_enabled: true,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: None,
@@ -217,6 +220,7 @@ pub struct Config {
     pub account: Option<AccountSeed>,
     pub proxy: ProxyConfig,
     pub invite_required: bool,
+    pub rate_limits_enabled: bool,
     pub refresh_grace_seconds: u64,
     pub max_json_bytes: usize,
     pub crawlers: Vec<String>,
@@ -399,6 +403,7 @@ impl RawConfig {
         Ok(Config {
             proxy,
             invite_required: self.invite_required,
+            rate_limits_enabled: self.rate_limits_enabled,
             service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
@@ -504,6 +509,9 @@ impl Config {
             }),
             proxy: ProxyConfig { disable_ssrf_protection: true, ..ProxyConfig::default() },
             invite_required: true,
+            // Tests and load tools write far faster than a person; the
+            // limits have their own tests that switch them on.
+            rate_limits_enabled: false,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: Vec::new(),

@@ -11,6 +11,7 @@ pub mod handle;
 pub mod identity;
 pub mod lexicon;
 pub mod proxy;
+pub mod ratelimit;
 pub mod repo;
 pub mod sequencer;
 pub mod service_auth;

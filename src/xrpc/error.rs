@@ -16,11 +16,19 @@ pub struct XrpcError {
     pub message: Cow<'static, str>,
     /// The cause of a 5xx, logged once and never sent to the client.
     pub source: Option<anyhow::Error>,
+    /// Extra response headers (e.g. `RateLimit-*` on a 429).
+    pub headers: axum::http::HeaderMap,
 }
 
 impl XrpcError {
     pub fn new(status: StatusCode, error: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
-        XrpcError { status, error: Cow::Borrowed(error), message: message.into(), source: None }
+        XrpcError {
+            status,
+            error: Cow::Borrowed(error),
+            message: message.into(),
+            source: None,
+            headers: axum::http::HeaderMap::new(),
+        }
     }
 
     pub fn invalid_request(message: impl Into<Cow<'static, str>>) -> Self {
@@ -68,6 +76,7 @@ impl XrpcError {
             error: Cow::Borrowed("InternalServerError"),
             message: "Internal Server Error".into(),
             source: Some(source.into()),
+            headers: axum::http::HeaderMap::new(),
         }
     }
 }
@@ -78,7 +87,15 @@ impl IntoResponse for XrpcError {
             tracing::error!(error = %source, chain = ?source, "internal error");
         }
         let body = serde_json::json!({ "error": self.error, "message": self.message });
-        (self.status, axum::Json(body)).into_response()
+        (self.status, self.headers, axum::Json(body)).into_response()
+    }
+}
+
+impl From<crate::ratelimit::Exceeded> for XrpcError {
+    fn from(e: crate::ratelimit::Exceeded) -> Self {
+        let mut error = XrpcError::rate_limited(format!("Rate Limit Exceeded ({})", e.name));
+        error.headers = e.headers();
+        error
     }
 }
 

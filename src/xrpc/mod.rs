@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router {
     router
         .route("/xrpc/{nsid}", axum::routing::any(forward::forward))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_requests))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             XrpcError::internal(anyhow::anyhow!("handler panicked")).into_response()
@@ -110,6 +111,25 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The per-IP request limit (the health check is exempt: monitors poll it).
+async fn limit_requests(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer =
+        request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    if let Some(peer) = peer
+        && request.uri().path() != "/xrpc/_health"
+    {
+        let ip = crate::ratelimit::client_ip(peer, request.headers());
+        if let Err(e) = state.rate_limits.request(ip) {
+            return XrpcError::from(e).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 fn wrong_method(method: Method, expected: Method) -> XrpcError {

@@ -167,6 +167,7 @@ pub async fn create_record(
     XrpcJson(input): XrpcJson<CreateRecordInput>,
 ) -> XrpcResult<Json<Value>> {
     let account = writable_repo(&state, &auth, &input.repo).await?;
+    state.rate_limits.writes(&auth.did, crate::ratelimit::CREATE_POINTS)?;
     let collection = parse_nsid(&input.collection)?;
     let rkey = match &input.rkey {
         Some(r) => parse_rkey(r)?,
@@ -226,6 +227,7 @@ pub async fn put_record(
     XrpcJson(input): XrpcJson<PutRecordInput>,
 ) -> XrpcResult<Json<Value>> {
     let account = writable_repo(&state, &auth, &input.repo).await?;
+    state.rate_limits.writes(&auth.did, crate::ratelimit::UPDATE_POINTS)?;
     let collection = parse_nsid(&input.collection)?;
     let rkey = parse_rkey(&input.rkey)?;
     let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate)?;
@@ -264,6 +266,7 @@ pub async fn delete_record(
     XrpcJson(input): XrpcJson<DeleteRecordInput>,
 ) -> XrpcResult<Json<Value>> {
     let account = writable_repo(&state, &auth, &input.repo).await?;
+    state.rate_limits.writes(&auth.did, crate::ratelimit::DELETE_POINTS)?;
     let swap = match &input.swap_record {
         Some(s) => Swap::Is(parse_cid(s, "swapRecord")?),
         None => Swap::Any,
@@ -305,6 +308,16 @@ pub async fn apply_writes(
     if input.writes.len() > MAX_WRITES {
         return Err(XrpcError::invalid_request(format!("Too many writes. Max: {MAX_WRITES}")));
     }
+    let points = input
+        .writes
+        .iter()
+        .map(|w| match w {
+            WriteInput::Create { .. } => crate::ratelimit::CREATE_POINTS,
+            WriteInput::Update { .. } => crate::ratelimit::UPDATE_POINTS,
+            WriteInput::Delete { .. } => crate::ratelimit::DELETE_POINTS,
+        })
+        .sum();
+    state.rate_limits.writes(&auth.did, points)?;
     let mut writes = Vec::with_capacity(input.writes.len());
     let mut statuses = Vec::with_capacity(input.writes.len());
     for w in &input.writes {

@@ -38,10 +38,12 @@ pub struct CreateSessionInput {
 pub async fn create_session(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     XrpcJson(input): XrpcJson<CreateSessionInput>,
 ) -> XrpcResult<Json<Value>> {
-    state.login_limiter.check(peer.ip())?;
+    state.login_limiter.check(crate::ratelimit::client_ip(peer.ip(), &headers))?;
     let identifier = input.identifier.trim().to_ascii_lowercase();
+    state.rate_limits.login(&identifier)?;
     let account = if identifier.starts_with("did:") {
         state.db.account_by_did(&identifier).await?
     } else if identifier.contains('@') {

@@ -39,6 +39,7 @@ pub struct Params {
 pub async fn subscribe_repos(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     XrpcQuery(p): XrpcQuery<Params>,
     ws: WebSocketUpgrade,
 ) -> XrpcResult<Response> {
@@ -53,7 +54,7 @@ pub async fn subscribe_repos(
     };
     let slot = state
         .sequencer
-        .admit(peer.ip())
+        .admit(crate::ratelimit::client_ip(peer.ip(), &headers))
         .ok_or_else(|| XrpcError::rate_limited("Too many firehose subscribers"))?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
