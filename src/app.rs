@@ -9,11 +9,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::auth::{TokenIssuer, hash_password, random_password};
+use crate::auth::{TokenIssuer, random_password};
 use crate::config::Config;
 use crate::db::Db;
-use crate::db::accounts::AccountRow;
-use crate::identity::{KeyStore, PlcClient, genesis_op, write_secret_file};
+use crate::identity::{KeyStore, PlcClient, write_secret_file};
 use crate::repo::RepoService;
 
 /// Shared state handed to every handler.
@@ -231,32 +230,14 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
     let Some(seed) = &state.config.account else {
         return Ok(());
     };
-    let existing = state.db.account_by_handle(&seed.handle).await?;
-    let account = match existing {
+    let account = match state.db.account_by_handle(&seed.handle).await? {
         Some(account) => account,
         None => {
-            let repo_key = crate::atp::keys::SigningKey::generate();
-            let genesis = genesis_op(
-                state.keys.rotation_key(),
-                &repo_key.public_key(),
-                &seed.handle,
-                &state.config.public_url(),
-            )?;
-            state.keys.save_repo_key(&genesis.did, &repo_key)?;
             let (password, generated) = match &seed.password {
                 Some(p) => (p.clone(), false),
                 None => (random_password(), true),
             };
-            let row = AccountRow {
-                did: genesis.did.clone(),
-                handle: seed.handle.clone(),
-                email: seed.email.clone(),
-                password_hash: hash_password(&password)?,
-                status: "pending".into(),
-                plc_genesis_op: Some(genesis.op.to_string()),
-                created_at: crate::atp::syntax::Datetime::from_offset(time::OffsetDateTime::now_utc())
-                    .to_string(),
-            };
+            let row = crate::accounts::pending_row(state, &seed.handle, seed.email.as_deref(), &password)?;
             state.db.insert_pending_account(&row).await?;
             if generated {
                 // Printed once, on stdout, never logged.
@@ -269,14 +250,7 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
         }
     };
     if account.status == "pending" {
-        let op: serde_json::Value = serde_json::from_str(account.plc_genesis_op.as_deref().unwrap_or("null"))
-            .context("stored genesis op")?;
-        state.plc.submit(&account.did, &op).await.context("registering the DID with the PLC directory")?;
-        let key = state.keys.repo_key(&account.did)?;
-        if state.db.repo_root(&account.did).await?.is_none() {
-            state.repo.create_empty_repo(&account.did, &account.handle, &key).await?;
-        }
-        tracing::info!(did = %account.did, handle = %account.handle, "account ready");
+        crate::accounts::finish_pending(state, &account).await?;
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! Roost: an AT Protocol Personal Data Server. See ARCHITECTURE.md for the map.
 
+pub mod accounts;
+pub mod admin_cli;
 pub mod app;
 pub mod atp;
 pub mod auth;

@@ -24,10 +24,79 @@ enum Command {
         #[command(subcommand)]
         command: BlobsCommand,
     },
+    /// Accounts on the running server (uses PDS_ADMIN_PASSWORD and the admin API).
+    Account {
+        /// The server's base URL (default http://127.0.0.1:$PDS_PORT).
+        #[arg(long, global = true)]
+        url: Option<String>,
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Handles of accounts on the running server.
+    Handle {
+        #[arg(long, global = true)]
+        url: Option<String>,
+        #[command(subcommand)]
+        command: HandleCommand,
+    },
     /// Ask the relays in PDS_CRAWLERS (or those given) to crawl this PDS now.
     Crawl {
         /// Relay hosts; defaults to PDS_CRAWLERS.
         relays: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Every account: DID, handle, email, status.
+    List,
+    /// A new account (no invite needed); prints the password if generated.
+    Create {
+        handle: String,
+        #[arg(long)]
+        email: Option<String>,
+        /// Read the password from stdin instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Sets a new password (generated and printed, or from stdin) and ends all sessions.
+    ResetPassword {
+        /// Handle or DID.
+        account: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// An invite code for `com.atproto.server.createAccount`.
+    CreateInvite {
+        #[arg(long, default_value_t = 1)]
+        uses: i64,
+        /// Handle or DID the code is issued to.
+        #[arg(long = "for")]
+        for_account: Option<String>,
+    },
+    /// An app password for an account (asks for the account's password on stdin).
+    AppPassword {
+        /// Handle or DID.
+        account: String,
+        name: String,
+        /// May also use DMs.
+        #[arg(long)]
+        privileged: bool,
+    },
+    /// Pending out-of-band tokens (e.g. for deleteAccount) of an account.
+    Tokens {
+        /// Handle or DID.
+        account: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum HandleCommand {
+    /// Changes an account's handle (PLC update and #identity event).
+    Set {
+        /// Current handle or DID.
+        account: String,
+        new_handle: String,
     },
 }
 
@@ -57,7 +126,89 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { dev } => serve(dev).await,
         Command::Crawl { relays } => crawl(relays).await,
         Command::Blobs { command } => blobs(command).await,
+        Command::Account { url, command } => account(url, command).await,
+        Command::Handle { url, command: HandleCommand::Set { account, new_handle } } => {
+            let config = RawConfig::load()?.validate()?;
+            roost::admin_cli::AdminClient::new(&config, url)?.set_handle(&account, &new_handle).await?;
+            println!("{account} is now {}", new_handle.to_ascii_lowercase());
+            Ok(())
+        }
     }
+}
+
+async fn account(url: Option<String>, command: AccountCommand) -> anyhow::Result<()> {
+    use roost::admin_cli::{AdminClient, read_secret_line};
+    let config = RawConfig::load()?.validate()?;
+    let password_from = |stdin: bool| -> anyhow::Result<(String, bool)> {
+        if stdin {
+            Ok((read_secret_line("password: ")?, false))
+        } else {
+            Ok((roost::auth::random_password(), true))
+        }
+    };
+    if let AccountCommand::Tokens { account } = &command {
+        // Read-only and local: tokens are never sent over the admin API.
+        let db = roost::db::Db::open(&config.db_path()).await?;
+        let row = if account.starts_with("did:") {
+            db.account_by_did(account).await?
+        } else {
+            db.account_by_handle(&account.to_ascii_lowercase()).await?
+        };
+        let row = row.ok_or_else(|| anyhow::anyhow!("no account {account}"))?;
+        match db.account_token(&row.did, "delete_account").await? {
+            Some(token) => println!("delete_account: {token}"),
+            None => println!("no pending tokens for {}", row.handle),
+        }
+        return Ok(());
+    }
+    let client = AdminClient::new(&config, url)?;
+    match command {
+        AccountCommand::List => {
+            for a in client.list().await? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    a["did"].as_str().unwrap_or(""),
+                    a["handle"].as_str().unwrap_or(""),
+                    a["email"].as_str().unwrap_or("-"),
+                    a["status"].as_str().unwrap_or(if a["active"] == true { "active" } else { "inactive" }),
+                );
+            }
+        }
+        AccountCommand::Create { handle, email, password_stdin } => {
+            let (password, generated) = password_from(password_stdin)?;
+            let created = client.create(&handle, email.as_deref(), &password).await?;
+            println!(
+                "created {} ({})",
+                created["handle"].as_str().unwrap_or(""),
+                created["did"].as_str().unwrap_or("")
+            );
+            if generated {
+                println!("password: {password}");
+            }
+        }
+        AccountCommand::ResetPassword { account, password_stdin } => {
+            let (password, generated) = password_from(password_stdin)?;
+            client.reset_password(&account, &password).await?;
+            println!("password of {account} changed; its sessions were ended");
+            if generated {
+                println!("password: {password}");
+            }
+        }
+        AccountCommand::CreateInvite { uses, for_account } => {
+            println!("{}", client.create_invite(uses, for_account.as_deref()).await?);
+        }
+        AccountCommand::AppPassword { account, name, privileged } => {
+            let password = read_secret_line(&format!("password of {account}: "))?;
+            let created = client.app_password(&account, &password, &name, privileged).await?;
+            println!(
+                "{}: {}",
+                created["name"].as_str().unwrap_or(&name),
+                created["password"].as_str().unwrap_or("")
+            );
+        }
+        AccountCommand::Tokens { .. } => unreachable!("handled above"),
+    }
+    Ok(())
 }
 
 async fn serve(dev: bool) -> anyhow::Result<()> {

@@ -176,3 +176,119 @@ mod tests {
         assert!(!in_namespace("app.bsky", "com.example.pref"));
     }
 }
+
+/// Why an invite code could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum InviteError {
+    #[error("Provided invite code not available")]
+    Unavailable,
+    #[error("Handle already taken")]
+    HandleTaken,
+    #[error("Email already taken")]
+    EmailTaken,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+impl Db {
+    pub async fn create_invite_codes(
+        &self,
+        codes: &[String],
+        use_count: i64,
+        for_account: &str,
+        created_by: &str,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        for code in codes {
+            sqlx::query(
+                "INSERT INTO invite_code (code, available, for_account, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(code)
+            .bind(use_count)
+            .bind(for_account)
+            .bind(created_by)
+            .bind(crate::repo::now_datetime())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Inserts a pending account, consuming one use of `invite` in the same
+    /// transaction (so two signups cannot share the last use).
+    pub async fn insert_pending_account_with_invite(
+        &self,
+        row: &super::accounts::AccountRow,
+        invite: Option<&str>,
+    ) -> Result<(), InviteError> {
+        let mut tx = self.begin_write().await?;
+        if let Some(code) = invite {
+            let usable: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM invite_code c WHERE c.code = ? AND c.disabled = 0
+                   AND c.available > (SELECT COUNT(*) FROM invite_code_use u WHERE u.code = c.code)",
+            )
+            .bind(code)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if usable.is_none() {
+                return Err(InviteError::Unavailable);
+            }
+            sqlx::query("INSERT INTO invite_code_use (code, used_by, used_at) VALUES (?, ?, ?)")
+                .bind(code)
+                .bind(&row.did)
+                .bind(crate::repo::now_datetime())
+                .execute(&mut *tx)
+                .await?;
+        }
+        super::accounts::insert_pending_account_in(&mut tx, row).await.map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() && d.message().contains("email") => {
+                InviteError::EmailTaken
+            }
+            sqlx::Error::Database(d) if d.is_unique_violation() => InviteError::HandleTaken,
+            _ => InviteError::Db(e),
+        })?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Codes created for `did`, with their uses: (code, available, disabled, created_at, used_by list).
+    pub async fn invite_codes_for(&self, did: &str) -> Result<Vec<InviteCodeRow>, sqlx::Error> {
+        let codes: Vec<(String, i64, bool, String, String)> = sqlx::query_as(
+            "SELECT code, available, disabled, created_by, created_at FROM invite_code WHERE for_account = ? ORDER BY created_at",
+        )
+        .bind(did)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(codes.len());
+        for (code, available, disabled, created_by, created_at) in codes {
+            let uses: Vec<(String, String)> = sqlx::query_as(
+                "SELECT used_by, used_at FROM invite_code_use WHERE code = ? ORDER BY used_at",
+            )
+            .bind(&code)
+            .fetch_all(&self.pool)
+            .await?;
+            out.push(InviteCodeRow {
+                code,
+                available,
+                disabled,
+                for_account: did.to_owned(),
+                created_by,
+                created_at,
+                uses,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InviteCodeRow {
+    pub code: String,
+    pub available: i64,
+    pub disabled: bool,
+    pub for_account: String,
+    pub created_by: String,
+    pub created_at: String,
+    /// (used_by, used_at)
+    pub uses: Vec<(String, String)>,
+}

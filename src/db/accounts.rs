@@ -42,19 +42,22 @@ impl Db {
     }
 
     pub async fn insert_pending_account(&self, row: &AccountRow) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO account (did, handle, email, password_hash, status, plc_genesis_op, created_at)
-             VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        )
-        .bind(&row.did)
-        .bind(&row.handle)
-        .bind(&row.email)
-        .bind(&row.password_hash)
-        .bind(&row.plc_genesis_op)
-        .bind(&row.created_at)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        let mut conn = self.pool.acquire().await?;
+        insert_pending_account_in(&mut conn, row).await
+    }
+
+    pub async fn set_password_hash(&self, did: &str, hash: &str) -> Result<bool, sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query("UPDATE account SET password_hash = ? WHERE did = ?")
+            .bind(hash)
+            .bind(did)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        // A new password ends every session, app-password ones included.
+        sqlx::query("DELETE FROM session WHERE did = ?").bind(did).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(n > 0)
     }
 
     /// Lists accounts in DID order after `cursor` (for `sync.listRepos`).
@@ -69,6 +72,25 @@ impl Db {
             .fetch_all(&self.pool)
             .await
     }
+}
+
+pub(crate) async fn insert_pending_account_in(
+    conn: &mut SqliteConnection,
+    row: &AccountRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO account (did, handle, email, password_hash, status, plc_genesis_op, created_at)
+         VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+    )
+    .bind(&row.did)
+    .bind(&row.handle)
+    .bind(&row.email)
+    .bind(&row.password_hash)
+    .bind(&row.plc_genesis_op)
+    .bind(&row.created_at)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 pub(crate) async fn set_status(

@@ -352,35 +352,6 @@ pub async fn update_handle(
     XrpcJson(input): XrpcJson<UpdateHandleInput>,
 ) -> XrpcResult<Json<Value>> {
     auth.require_full()?;
-    let handle = input.handle.trim().to_ascii_lowercase();
-    crate::atp::syntax::Handle::new(handle.clone())
-        .map_err(|e| XrpcError::lexicon("InvalidHandle", e.to_string()))?;
-    let account = account_of(&state, &auth.did).await?;
-    if state.config.is_service_handle(&handle) {
-        if let Some(other) = state.db.account_by_handle(&handle).await?
-            && other.did != auth.did
-        {
-            return Err(XrpcError::lexicon("HandleNotAvailable", format!("Handle already taken: {handle}")));
-        }
-    } else if handle.ends_with(".test") && !state.config.dev_mode {
-        return Err(XrpcError::lexicon("UnsupportedDomain", "Not a supported handle domain"));
-    } else if state.handle_resolver.resolve(&handle).await.as_deref() != Some(auth.did.as_str()) {
-        return Err(XrpcError::invalid_request("External handle did not resolve to DID"));
-    }
-    if handle != account.handle && auth.did.starts_with("did:plc:") {
-        let key = state.keys.repo_key(&auth.did)?.public_key();
-        let prev = state.plc.last_op(&auth.did).await.map_err(XrpcError::internal)?;
-        let op = crate::identity::update_handle_op(
-            state.keys.rotation_key(),
-            &key,
-            &handle,
-            &state.config.public_url(),
-            &prev,
-        )?;
-        state.plc.submit(&auth.did, &op).await.map_err(XrpcError::internal)?;
-    }
-    // Emitted even when the handle is unchanged, so a consumer that missed
-    // the last change can recover (as the reference PDS does).
-    state.repo.set_handle(&auth.did, &handle).await?;
+    crate::accounts::change_handle(&state, &auth.did, &input.handle).await?;
     Ok(Json(json!({})))
 }

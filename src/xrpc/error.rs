@@ -16,8 +16,9 @@ pub struct XrpcError {
     pub message: Cow<'static, str>,
     /// The cause of a 5xx, logged once and never sent to the client.
     pub source: Option<anyhow::Error>,
-    /// Extra response headers (e.g. `RateLimit-*` on a 429).
-    pub headers: axum::http::HeaderMap,
+    /// Extra response headers (e.g. `RateLimit-*` on a 429); boxed to keep
+    /// the error small on the happy path's `Result`s.
+    pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 impl XrpcError {
@@ -27,7 +28,7 @@ impl XrpcError {
             error: Cow::Borrowed(error),
             message: message.into(),
             source: None,
-            headers: axum::http::HeaderMap::new(),
+            headers: None,
         }
     }
 
@@ -76,7 +77,7 @@ impl XrpcError {
             error: Cow::Borrowed("InternalServerError"),
             message: "Internal Server Error".into(),
             source: Some(source.into()),
-            headers: axum::http::HeaderMap::new(),
+            headers: None,
         }
     }
 }
@@ -87,14 +88,43 @@ impl IntoResponse for XrpcError {
             tracing::error!(error = %source, chain = ?source, "internal error");
         }
         let body = serde_json::json!({ "error": self.error, "message": self.message });
-        (self.status, self.headers, axum::Json(body)).into_response()
+        (self.status, self.headers.map(|h| *h).unwrap_or_default(), axum::Json(body)).into_response()
+    }
+}
+
+impl From<crate::accounts::CreateAccountError> for XrpcError {
+    fn from(e: crate::accounts::CreateAccountError) -> Self {
+        use crate::accounts::CreateAccountError as E;
+        let message = e.to_string();
+        match e {
+            E::InvalidHandle(_) => XrpcError::lexicon("InvalidHandle", message),
+            E::HandleNotAvailable(_) => XrpcError::lexicon("HandleNotAvailable", message),
+            E::InviteRequired | E::InvalidInviteCode => XrpcError::lexicon("InvalidInviteCode", message),
+            E::EmailTaken => XrpcError::invalid_request(message),
+            E::WeakPassword => XrpcError::lexicon("InvalidPassword", message),
+            E::Internal(e) => XrpcError::internal(e),
+        }
+    }
+}
+
+impl From<crate::accounts::HandleError> for XrpcError {
+    fn from(e: crate::accounts::HandleError) -> Self {
+        use crate::accounts::HandleError as E;
+        let message = e.to_string();
+        match e {
+            E::Invalid(_) => XrpcError::lexicon("InvalidHandle", message),
+            E::Taken(_) => XrpcError::lexicon("HandleNotAvailable", message),
+            E::UnsupportedDomain => XrpcError::lexicon("UnsupportedDomain", message),
+            E::DidMismatch | E::NoAccount => XrpcError::invalid_request(message),
+            E::Internal(e) => XrpcError::internal(e),
+        }
     }
 }
 
 impl From<crate::ratelimit::Exceeded> for XrpcError {
     fn from(e: crate::ratelimit::Exceeded) -> Self {
         let mut error = XrpcError::rate_limited(format!("Rate Limit Exceeded ({})", e.name));
-        error.headers = e.headers();
+        error.headers = Some(Box::new(e.headers()));
         error
     }
 }

@@ -5,6 +5,7 @@
 //! NSID first. Handlers are thin: parse, call a service, map errors.
 
 mod account;
+mod admin;
 mod blob;
 pub mod error;
 pub mod extract;
@@ -69,6 +70,15 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.server.requestAccountDelete", post(account::request_account_delete)),
         ("com.atproto.server.deleteAccount", post(account::delete_account)),
         ("com.atproto.identity.updateHandle", post(account::update_handle)),
+        ("com.atproto.server.createAccount", post(server::create_account)),
+        ("com.atproto.server.createInviteCode", post(admin::create_invite_code)),
+        ("com.atproto.server.createInviteCodes", post(admin::create_invite_codes)),
+        ("com.atproto.server.getAccountInviteCodes", get(admin::get_account_invite_codes)),
+        ("com.atproto.admin.getAccountInfos", get(admin::get_account_infos)),
+        ("com.atproto.admin.updateAccountPassword", post(admin::update_account_password)),
+        ("com.atproto.admin.updateAccountHandle", post(admin::update_account_handle)),
+        ("com.atproto.admin.deleteAccount", post(admin::delete_account)),
+        ("dev.roost.admin.createAccount", post(admin::create_account)),
     ];
     let mut router = Router::new()
         .route("/", get(banner))
