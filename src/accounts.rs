@@ -9,6 +9,7 @@ use anyhow::Context as _;
 
 use crate::app::AppState;
 use crate::auth::hash_password;
+use crate::config::DidMethod;
 use crate::db::account_features::InviteError;
 use crate::db::accounts::AccountRow;
 use crate::identity::genesis_op;
@@ -32,6 +33,7 @@ pub enum CreateAccountError {
 }
 
 pub struct NewAccount<'a> {
+    pub did_method: DidMethod,
     pub handle: &'a str,
     pub email: Option<&'a str>,
     pub password: &'a str,
@@ -71,7 +73,7 @@ pub async fn create_account(
     } else {
         None
     };
-    let row = pending_row(state, &handle, new.email, new.password)?;
+    let row = pending_row(state, &handle, new.email, new.password, new.did_method)?;
     match state.db.insert_pending_account_with_invite(&row, invite).await {
         Ok(()) => {}
         Err(InviteError::Unavailable) => return Err(CreateAccountError::InvalidInviteCode),
@@ -83,24 +85,45 @@ pub async fn create_account(
     Ok(AccountRow { status: "active".into(), ..row })
 }
 
-/// A pending row with a fresh repo key (saved, 0600) and signed genesis op.
+/// A pending row with a fresh repo key (saved, 0600) and, for did:plc, the
+/// signed genesis op.
 pub fn pending_row(
     state: &AppState,
     handle: &str,
     email: Option<&str>,
     password: &str,
+    method: DidMethod,
 ) -> anyhow::Result<AccountRow> {
     let repo_key = crate::atp::keys::SigningKey::generate();
-    let genesis =
-        genesis_op(state.keys.rotation_key(), &repo_key.public_key(), handle, &state.config.public_url())?;
-    state.keys.save_repo_key(&genesis.did, &repo_key)?;
+    let (did, genesis_op_json) = match method {
+        DidMethod::Plc => {
+            let genesis = genesis_op(
+                state.keys.rotation_key(),
+                &repo_key.public_key(),
+                handle,
+                &state.config.public_url(),
+            )?;
+            (genesis.did, Some(genesis.op.to_string()))
+        }
+        DidMethod::Web => {
+            // Served from https://<handle>/.well-known/did.json, which must reach
+            // this server: one of its handle domains or its own hostname.
+            anyhow::ensure!(
+                state.config.is_service_handle(handle) || handle == state.config.hostname,
+                "a did:web account needs a handle under {} (its DID document is served here)",
+                state.config.service_handle_domains.join(", ")
+            );
+            (format!("did:web:{handle}"), None)
+        }
+    };
+    state.keys.save_repo_key(&did, &repo_key)?;
     Ok(AccountRow {
-        did: genesis.did.clone(),
+        did,
         handle: handle.to_owned(),
         email: email.map(|e| e.trim().to_ascii_lowercase()),
         password_hash: hash_password(password)?,
         status: "pending".into(),
-        plc_genesis_op: Some(genesis.op.to_string()),
+        plc_genesis_op: genesis_op_json,
         created_at: crate::repo::now_datetime(),
     })
 }
@@ -108,9 +131,10 @@ pub fn pending_row(
 /// Registers a pending account's DID with PLC (idempotent) and makes its
 /// first commit if there is none yet.
 pub async fn finish_pending(state: &AppState, account: &AccountRow) -> anyhow::Result<()> {
-    let op: serde_json::Value = serde_json::from_str(account.plc_genesis_op.as_deref().unwrap_or("null"))
-        .context("stored genesis op")?;
-    state.plc.submit(&account.did, &op).await.context("registering the DID with the PLC directory")?;
+    if let Some(op) = account.plc_genesis_op.as_deref() {
+        let op: serde_json::Value = serde_json::from_str(op).context("stored genesis op")?;
+        state.plc.submit(&account.did, &op).await.context("registering the DID with the PLC directory")?;
+    }
     let key = state.keys.repo_key(&account.did)?;
     if state.db.repo_root(&account.did).await?.is_none() {
         state.repo.create_empty_repo(&account.did, &account.handle, &key).await?;

@@ -125,10 +125,17 @@ impl AdminClient {
         }
     }
 
-    pub async fn create(&self, handle: &str, email: Option<&str>, password: &str) -> anyhow::Result<Value> {
+    pub async fn create(
+        &self,
+        handle: &str,
+        email: Option<&str>,
+        password: &str,
+        did_web: bool,
+    ) -> anyhow::Result<Value> {
+        let method = if did_web { "web" } else { "plc" };
         self.admin_post(
             "dev.roost.admin.createAccount",
-            json!({"handle": handle, "email": email, "password": password}),
+            json!({"handle": handle, "email": email, "password": password, "didMethod": method}),
         )
         .await
     }

@@ -237,7 +237,13 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
                 Some(p) => (p.clone(), false),
                 None => (random_password(), true),
             };
-            let row = crate::accounts::pending_row(state, &seed.handle, seed.email.as_deref(), &password)?;
+            let row = crate::accounts::pending_row(
+                state,
+                &seed.handle,
+                seed.email.as_deref(),
+                &password,
+                seed.did_method,
+            )?;
             state.db.insert_pending_account(&row).await?;
             if generated {
                 // Printed once, on stdout, never logged.

@@ -87,6 +87,10 @@ pub struct RawConfig {
     pub proxy_max_response_bytes: u64,
     /// Whether `createAccount` needs an invite code (`PDS_INVITE_REQUIRED`, default true).
     pub invite_required: bool,
+    /// DID method of the configured account (`PDS_DID_METHOD`: `plc`, the
+    /// default, or `web` for `did:web:<handle>` with the document served here).
+    #[serde(deserialize_with = "stringish")]
+    pub did_method: Option<String>,
     /// Per-IP, per-account and per-login limits (`PDS_RATE_LIMITS_ENABLED`, default true).
     pub rate_limits_enabled: bool,
     /// How long a used refresh token may be replayed (`PDS_REFRESH_GRACE_SECONDS`, default 10).
@@ -160,6 +164,7 @@ impl Default for RawConfig {
             proxy_timeout_seconds: 30,
             proxy_max_response_bytes: 16 * 1024 * 1024,
             invite_required: true,
+            did_method: None,
             rate_limits_enabled: true,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
@@ -301,6 +306,17 @@ pub struct AccountSeed {
     pub handle: String,
     pub password: Option<String>,
     pub email: Option<String>,
+    pub did_method: DidMethod,
+}
+
+/// How an account's DID is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DidMethod {
+    /// did:plc, registered with the PLC directory (recoverable, portable).
+    Plc,
+    /// did:web:<handle>: the DID document is served by this PDS at
+    /// `https://<handle>/.well-known/did.json`; tied to the handle's domain.
+    Web,
 }
 
 impl std::fmt::Debug for AccountSeed {
@@ -365,7 +381,13 @@ impl RawConfig {
                 if handle.ends_with(".test") && !dev {
                     return Err(err("PDS_HANDLE ending in .test needs PDS_DEV_MODE=true".into()));
                 }
+                let did_method = match self.did_method.as_deref().unwrap_or("plc") {
+                    "plc" | "" => DidMethod::Plc,
+                    "web" => DidMethod::Web,
+                    other => return Err(err(format!("PDS_DID_METHOD={other}: expected plc or web"))),
+                };
                 Some(AccountSeed {
+                    did_method,
                     handle,
                     password: self.password.filter(|p| !p.is_empty()),
                     email: self.email.filter(|e| !e.is_empty()),
@@ -503,6 +525,7 @@ impl Config {
             service_did: "did:web:localhost".into(),
             dev_mode: true,
             account: Some(AccountSeed {
+                did_method: DidMethod::Plc,
                 handle: handle.into(),
                 password: Some(password.into()),
                 email: Some(format!("{}@example.com", handle.split('.').next().unwrap_or("user"))),

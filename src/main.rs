@@ -58,6 +58,9 @@ enum AccountCommand {
         /// Read the password from stdin instead of generating one.
         #[arg(long)]
         password_stdin: bool,
+        /// did:web:<handle> (document served by this server) instead of did:plc.
+        #[arg(long)]
+        did_web: bool,
     },
     /// Sets a new password (generated and printed, or from stdin) and ends all sessions.
     ResetPassword {
@@ -174,9 +177,9 @@ async fn account(url: Option<String>, command: AccountCommand) -> anyhow::Result
                 );
             }
         }
-        AccountCommand::Create { handle, email, password_stdin } => {
+        AccountCommand::Create { handle, email, password_stdin, did_web } => {
             let (password, generated) = password_from(password_stdin)?;
-            let created = client.create(&handle, email.as_deref(), &password).await?;
+            let created = client.create(&handle, email.as_deref(), &password, did_web).await?;
             println!(
                 "created {} ({})",
                 created["handle"].as_str().unwrap_or(""),

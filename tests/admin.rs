@@ -240,3 +240,46 @@ async fn account_commands_drive_the_running_server() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A did:web account: its DID document is served here (by Host), it holds the
+/// repo key, and the account works like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn did_web_accounts_are_served_here() {
+    let pds = TestPds::spawn().await;
+    let (ok, out) = roost_cli(&pds, &["account", "create", "webby.test", "--did-web"], None);
+    assert!(ok, "{out}");
+    assert!(out.contains("did:web:webby.test"), "{out}");
+    let password = out.lines().find_map(|l| l.strip_prefix("password: ")).expect("password").to_owned();
+    let resp =
+        pds.request(reqwest::Method::GET, "/.well-known/did.json", &[("host", "webby.test")], None).await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    let doc = resp.json();
+    assert_eq!(doc["id"], "did:web:webby.test");
+    assert_eq!(doc["alsoKnownAs"], json!(["at://webby.test"]));
+    assert_eq!(doc["service"][0]["serviceEndpoint"], pds.base_url.replace("127.0.0.1", "localhost").as_str());
+    let multibase = doc["verificationMethod"][0]["publicKeyMultibase"].as_str().expect("key");
+    let key = roost::atp::keys::PublicKey::from_multibase(multibase).expect("multikey");
+    // Other hosts have no document; the PLC directory never heard of it.
+    let resp =
+        pds.request(reqwest::Method::GET, "/.well-known/did.json", &[("host", "nobody.test")], None).await;
+    assert_eq!(resp.status, StatusCode::NOT_FOUND);
+    assert!(pds.plc.ops("did:web:webby.test").is_empty());
+
+    let (access, _) = pds.login_as("webby.test", &password).await;
+    let (status, body) = pds
+        .post("com.atproto.repo.createRecord", Some(&access), &json!({"repo": "did:web:webby.test", "collection": "app.bsky.feed.post", "record": post("from the web")}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Tokens it signs verify with the key in the served document.
+    let (_, token) =
+        pds.get_auth("com.atproto.server.getServiceAuth", &access, &[("aud", "did:web:api.bsky.app")]).await;
+    let token = token["token"].as_str().expect("token");
+    let (signed, sig) = token.rsplit_once('.').expect("jwt");
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).expect("sig");
+    key.verify(signed.as_bytes(), &sig).expect("signed with the served key");
+    let (_, st) = pds.get_auth("com.atproto.server.checkAccountStatus", &access, &[]).await;
+    assert_eq!((st["activated"].as_bool(), st["validDid"].as_bool()), (Some(true), Some(true)), "{st}");
+    // A did:web account's handle must be one this server serves.
+    let (ok, out) = roost_cli(&pds, &["account", "create", "web.example.com", "--did-web"], None);
+    assert!(!ok, "{out}");
+}

@@ -213,6 +213,8 @@ pub async fn update_account_handle(
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdminCreateAccount {
+    /// `plc` (default) or `web`.
+    did_method: Option<String>,
     handle: String,
     email: Option<String>,
     password: String,
@@ -224,7 +226,13 @@ pub async fn create_account(
     _admin: Admin,
     XrpcJson(input): XrpcJson<AdminCreateAccount>,
 ) -> XrpcResult<Json<Value>> {
+    let did_method = match input.did_method.as_deref().unwrap_or("plc") {
+        "plc" => crate::config::DidMethod::Plc,
+        "web" => crate::config::DidMethod::Web,
+        other => return Err(XrpcError::invalid_request(format!("didMethod {other}: expected plc or web"))),
+    };
     let new = crate::accounts::NewAccount {
+        did_method,
         handle: &input.handle,
         email: input.email.as_deref(),
         password: &input.password,

@@ -84,7 +84,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(banner))
         .route("/robots.txt", get(robots))
         .route("/xrpc/_health", get(health))
-        .route("/.well-known/atproto-did", get(well_known_did));
+        .route("/.well-known/atproto-did", get(well_known_did))
+        .route("/.well-known/did.json", get(well_known_did_json));
     for (nsid, method_router) in xrpc {
         let expected = if nsid.contains(".get")
             || nsid.contains(".list")
@@ -175,6 +176,34 @@ async fn health(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// `/.well-known/did.json`: the DID document of a `did:web` account whose
+/// DID names this host (chosen by Host, as for atproto-did).
+async fn well_known_did_json(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let did = format!("did:web:{}", request_host(&headers));
+    match state.db.account_by_did(&did).await {
+        Ok(Some(a)) if a.status != "pending" => match state.keys.repo_key(&a.did) {
+            Ok(key) => axum::Json(crate::identity::did_document(
+                &a.did,
+                &a.handle,
+                &key.public_key(),
+                &state.config.public_url(),
+            ))
+            .into_response(),
+            Err(e) => XrpcError::internal(e).into_response(),
+        },
+        Ok(_) => (StatusCode::NOT_FOUND, "Not Found").into_response(),
+        Err(e) => XrpcError::from(e).into_response(),
+    }
+}
+
+/// The Host header without a port, lower-cased.
+fn request_host(headers: &HeaderMap) -> String {
+    let host = headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    host.rsplit_once(':')
+        .map_or(host, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { host })
+        .to_ascii_lowercase()
 }
 
 /// `/.well-known/atproto-did` for a handle hosted here, chosen by Host.

@@ -140,6 +140,7 @@ pub async fn create_account(
     }
     let password = input.password.ok_or_else(|| XrpcError::invalid_request("Password is required"))?;
     let new = crate::accounts::NewAccount {
+        did_method: crate::config::DidMethod::Plc,
         handle: &input.handle,
         email: input.email.as_deref(),
         password: &password,
