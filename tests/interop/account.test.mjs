@@ -172,6 +172,33 @@ describe('account features with the official clients', () => {
     assert.equal((await plcGet(plcDir.url, `/${did}/log/audit`)).body.length, 3)
   })
 
+  it('signs up a second account with an invite code, through the official client', async () => {
+    const basic = 'Basic ' + Buffer.from(`admin:${roost.env.PDS_ADMIN_PASSWORD}`).toString('base64')
+    const res = await fetch(`${roost.url}/xrpc/com.atproto.server.createInviteCode`, {
+      method: 'POST',
+      headers: { authorization: basic, 'content-type': 'application/json' },
+      body: JSON.stringify({ useCount: 1 }),
+    })
+    assert.equal(res.status, 200)
+    const { code } = await res.json()
+    const agent = new AtpAgent({ service: roost.url })
+    await assert.rejects(
+      agent.createAccount({ handle: 'carol.test', password: 'carol-password', email: 'carol@example.com' }),
+      /invite/i,
+    )
+    await agent.createAccount({ handle: 'carol.test', password: 'carol-password', email: 'carol@example.com', inviteCode: code })
+    assert.match(agent.session.did, /^did:plc:/)
+    const { body: doc } = await plcGet(plcDir.url, `/${agent.session.did}`)
+    assert.deepEqual(doc.alsoKnownAs, ['at://carol.test'], 'registered with the official PLC directory')
+    await agent.post({ text: 'carol was here' })
+    const again = new AtpAgent({ service: roost.url })
+    await assert.rejects(
+      again.createAccount({ handle: 'dan.test', password: 'dan-password', email: 'dan@example.com', inviteCode: code }),
+      /invite code/i,
+      'a one-use code is spent',
+    )
+  })
+
   it('deactivates and reactivates the account', async () => {
     const agent = await login()
     const did = agent.session.did
