@@ -93,6 +93,9 @@ pub struct RawConfig {
     pub did_method: Option<String>,
     /// Per-IP, per-account and per-login limits (`PDS_RATE_LIMITS_ENABLED`, default true).
     pub rate_limits_enabled: bool,
+    /// How many reverse proxies in front of Roost append to `X-Forwarded-For`
+    /// (`PDS_TRUSTED_PROXIES`, default 0: the header is ignored; the bundle's Caddy is 1).
+    pub trusted_proxies: usize,
     /// How long a used refresh token may be replayed (`PDS_REFRESH_GRACE_SECONDS`, default 10).
     pub refresh_grace_seconds: u64,
     /// Largest JSON request body in bytes (`PDS_MAX_JSON_BYTES`, default 1 MiB).
@@ -166,6 +169,7 @@ impl Default for RawConfig {
             invite_required: true,
             did_method: None,
             rate_limits_enabled: true,
+            trusted_proxies: 0,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: None,
@@ -226,6 +230,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub invite_required: bool,
     pub rate_limits_enabled: bool,
+    pub trusted_proxies: usize,
     pub refresh_grace_seconds: u64,
     pub max_json_bytes: usize,
     pub crawlers: Vec<String>,
@@ -426,6 +431,7 @@ impl RawConfig {
             proxy,
             invite_required: self.invite_required,
             rate_limits_enabled: self.rate_limits_enabled,
+            trusted_proxies: self.trusted_proxies,
             service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
@@ -535,6 +541,7 @@ impl Config {
             // Tests and load tools write far faster than a person; the
             // limits have their own tests that switch them on.
             rate_limits_enabled: false,
+            trusted_proxies: 0,
             refresh_grace_seconds: 10,
             max_json_bytes: 1024 * 1024,
             crawlers: Vec::new(),

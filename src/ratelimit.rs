@@ -156,22 +156,24 @@ impl RateLimits {
     }
 }
 
-/// The client's address: the peer, or, when the peer is a reverse proxy on
-/// this host or a private network (Caddy in the bundle), the address that
-/// proxy appended last to `X-Forwarded-For`. A direct public client cannot
-/// choose its key by sending the header.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    if crate::proxy::is_public(peer) {
+/// The client's address. With `trusted_proxies` = 0 it is the peer. With N
+/// trusted reverse proxies in front (Caddy in the bundle is one), each
+/// appended the address it saw to `X-Forwarded-For`, so the client is the
+/// N-th entry from the right; entries left of it are the client's own
+/// claims and never used. A peer on a public address is a client talking
+/// to us directly, so its header is ignored too.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: usize) -> IpAddr {
+    if trusted_proxies == 0 || crate::proxy::is_public(peer) {
         return peer;
     }
-    headers
+    let entries: Vec<IpAddr> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .next_back()
-        .unwrap_or(peer)
+        .collect();
+    entries.len().checked_sub(trusted_proxies).and_then(|i| entries.get(i).copied()).unwrap_or(peer)
 }
 
 #[cfg(test)]
@@ -198,9 +200,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 203.0.113.9"));
         let public: IpAddr = "8.8.4.4".parse().expect("ip");
-        assert_eq!(client_ip(public, &h), public, "a public peer cannot spoof");
+        assert_eq!(client_ip(public, &h, 1), public, "a public peer cannot spoof");
         let caddy: IpAddr = "172.18.0.3".parse().expect("ip");
-        assert_eq!(client_ip(caddy, &h), "203.0.113.9".parse::<IpAddr>().expect("ip"));
-        assert_eq!(client_ip(caddy, &HeaderMap::new()), caddy);
+        assert_eq!(client_ip(caddy, &h, 0), caddy, "no trusted proxy: the header means nothing");
+        assert_eq!(client_ip(caddy, &h, 1), "203.0.113.9".parse::<IpAddr>().expect("ip"));
+        assert_eq!(client_ip(caddy, &h, 2), "6.6.6.6".parse::<IpAddr>().expect("ip"), "CDN then Caddy");
+        assert_eq!(client_ip(caddy, &h, 3), caddy, "fewer entries than proxies: the peer");
+        assert_eq!(client_ip(caddy, &HeaderMap::new(), 1), caddy);
     }
 }

@@ -10,7 +10,10 @@ use serde_json::json;
 
 async fn spawn_limited() -> TestPds {
     TestPds::spawn_with(Options {
-        configure: Some(Box::new(|c| c.rate_limits_enabled = true)),
+        configure: Some(Box::new(|c| {
+            c.rate_limits_enabled = true;
+            c.trusted_proxies = 1;
+        })),
         ..Options::default()
     })
     .await

@@ -135,7 +135,7 @@ async fn limit_requests(
     if let Some(peer) = peer
         && request.uri().path() != "/xrpc/_health"
     {
-        let ip = crate::ratelimit::client_ip(peer, request.headers());
+        let ip = crate::ratelimit::client_ip(peer, request.headers(), state.config.trusted_proxies);
         if let Err(e) = state.rate_limits.request(ip) {
             return XrpcError::from(e).into_response();
         }

@@ -41,7 +41,11 @@ pub async fn create_session(
     headers: axum::http::HeaderMap,
     XrpcJson(input): XrpcJson<CreateSessionInput>,
 ) -> XrpcResult<Json<Value>> {
-    state.login_limiter.check(crate::ratelimit::client_ip(peer.ip(), &headers))?;
+    state.login_limiter.check(crate::ratelimit::client_ip(
+        peer.ip(),
+        &headers,
+        state.config.trusted_proxies,
+    ))?;
     let identifier = input.identifier.trim().to_ascii_lowercase();
     state.rate_limits.login(&identifier)?;
     let account = if identifier.starts_with("did:") {
@@ -134,7 +138,11 @@ pub async fn create_account(
     XrpcJson(input): XrpcJson<CreateAccountInput>,
 ) -> XrpcResult<Json<Value>> {
     // Signups cost an Argon2 hash and a PLC operation: share the login throttle.
-    state.login_limiter.check(crate::ratelimit::client_ip(peer.ip(), &headers))?;
+    state.login_limiter.check(crate::ratelimit::client_ip(
+        peer.ip(),
+        &headers,
+        state.config.trusted_proxies,
+    ))?;
     if input.did.is_some() {
         return Err(XrpcError::invalid_request("Account migration (an existing did) is not supported"));
     }

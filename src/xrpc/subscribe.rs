@@ -54,7 +54,7 @@ pub async fn subscribe_repos(
     };
     let slot = state
         .sequencer
-        .admit(crate::ratelimit::client_ip(peer.ip(), &headers))
+        .admit(crate::ratelimit::client_ip(peer.ip(), &headers, state.config.trusted_proxies))
         .ok_or_else(|| XrpcError::rate_limited("Too many firehose subscribers"))?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
