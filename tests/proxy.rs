@@ -87,6 +87,16 @@ async fn respond(State(up): State<Upstream>, request: Request) -> Response {
                 .into_response()
         }
         "/xrpc/app.bsky.test.big" => vec![b'x'; 100_000].into_response(),
+        "/xrpc/app.bsky.test.hang" => {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            "too late".into_response()
+        }
+        // 100 MB, chunked (no content-length): only streaming limits can stop it.
+        "/xrpc/app.bsky.test.huge" => {
+            let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+            let stream = futures::stream::iter((0..100).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+            axum::body::Body::from_stream(stream).into_response()
+        }
         _ if parts.method == Method::POST => (
             [("content-type", "application/json"), ("atproto-repo-rev", "3kabc"), ("x-internal", "secret")],
             body,
@@ -602,4 +612,62 @@ async fn preferences_are_stored_locally_with_the_reference_rules() {
         ["app.bsky.actor.defs#personalDetailsPref", "app.bsky.actor.defs#adultContentPref"],
         "{body}"
     );
+}
+
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn hanging_and_huge_upstreams_end_cleanly_with_bounded_memory() {
+    let up = Upstream::start().await;
+    let (url, did) = (up.url(), up.did());
+    let pds = TestPds::spawn_with(Options {
+        configure: Some(Box::new(move |c| {
+            c.proxy.appview = Some(ServiceEndpoint { url, did });
+            c.proxy.timeout_secs = 1;
+        })),
+        ..Options::default()
+    })
+    .await;
+    let (access, _) = pds.login().await;
+    let auth = format!("Bearer {access}");
+    let started = std::time::Instant::now();
+    let resp = call(&pds, Method::GET, "/xrpc/app.bsky.test.hang", &[("authorization", &auth)], None).await;
+    assert_xrpc_error(resp.status, &resp.json(), 504, "UpstreamTimeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "no hang: {:?}", started.elapsed());
+
+    // 100 MB through a 16 MiB cap: the stream is cut, nothing buffers it.
+    let before = vm_rss_kib();
+    let resp = pds
+        .http
+        .get(format!("{}/xrpc/app.bsky.test.huge", pds.base_url))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .expect("headers arrive");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut received = 0usize;
+    let mut stream = resp.bytes_stream();
+    let mut cut = false;
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        match chunk {
+            Ok(c) => received += c.len(),
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(cut, "the oversized body must end in an error, not look complete ({received} bytes)");
+    assert!(received <= 16 * 1024 * 1024 + (1 << 20), "at most the cap got through: {received}");
+    let grown_mib = vm_rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 48, "proxying 100 MB grew RSS by {grown_mib} MiB");
 }
