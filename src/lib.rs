@@ -9,6 +9,8 @@ pub mod crawl;
 pub mod db;
 pub mod identity;
 pub mod lexicon;
+pub mod lexicon_net;
+pub mod lexicon_store;
 pub mod repo;
 pub mod sequencer;
 pub mod xrpc;
