@@ -32,13 +32,13 @@ pub struct Inner {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub http: reqwest::Client,
     pub blobs: crate::blobs::Blobs,
-    /// Lexicons records are validated against.
-    pub lexicons: crate::lexicon::Catalog,
     /// For untrusted destinations (proxied calls, did:web): SSRF-safe.
     pub outbound: reqwest::Client,
     pub did_resolver: crate::proxy::DidResolver,
     pub handle_resolver: crate::handle::HandleResolver,
     pub rate_limits: crate::ratelimit::RateLimits,
+    /// Lexicons records are validated against (bundle, directory, network).
+    pub lexicons: crate::lexicon_net::Lexicons,
 }
 
 impl std::ops::Deref for AppState {
@@ -86,6 +86,7 @@ impl App {
             config.proxy.clone(),
             config.dev_mode,
         );
+        let lexicons = build_lexicons(&config, &http)?;
         let state = AppState(Arc::new(Inner {
             rate_limits: crate::ratelimit::RateLimits::new(config.rate_limits_enabled),
             handle_resolver: crate::handle::HandleResolver::new(outbound.clone()),
@@ -96,7 +97,7 @@ impl App {
             shutdown: tokio::sync::watch::channel(false).0,
             http,
             blobs: crate::blobs::Blobs::open(db.clone(), &config)?,
-            lexicons: load_lexicons(config.lexicon_directory.as_deref())?,
+            lexicons,
             repo: RepoService::new(db.clone(), sequencer.clone()),
             sequencer,
             login_limiter: Default::default(),
@@ -174,10 +175,57 @@ async fn sweep_blobs(state: AppState) {
     }
 }
 
-/// Loads every `*.json` lexicon under `dir` (recursively).
-fn load_lexicons(dir: Option<&std::path::Path>) -> anyhow::Result<crate::lexicon::Catalog> {
+/// The start-up catalog (the installed bundle, then `PDS_LEXICON_DIRECTORY`,
+/// whose documents replace the bundle's of the same NSID), and the network
+/// resolver when enabled.
+fn build_lexicons(config: &Config, http: &reqwest::Client) -> anyhow::Result<crate::lexicon_net::Lexicons> {
+    use crate::lexicon_net::{HickoryTxt, Lexicons, NetworkFetcher, PinnedTxt, TxtLookup, guarded_client};
     let mut catalog = crate::lexicon::Catalog::new();
-    let Some(dir) = dir else { return Ok(catalog) };
+    match &config.lexicons.bundle {
+        Some(path) => match crate::lexicon_store::read_bundle(path)? {
+            Some((bundle, loaded)) => {
+                tracing::info!(
+                    documents = loaded.len(),
+                    package = %bundle.source.package,
+                    version = %bundle.source.version,
+                    "loaded the lexicon bundle"
+                );
+                catalog = loaded;
+            }
+            None => tracing::warn!(
+                path = %path.display(),
+                "no lexicon bundle: records are not validated against the Bluesky lexicons \
+                 (run `roost lexicons install`)"
+            ),
+        },
+        None => {}
+    }
+    if let Some(dir) = &config.lexicon_directory {
+        load_lexicon_directory(&mut catalog, dir)?;
+    }
+    let resolver = if config.lexicons.resolution {
+        let dns: Box<dyn TxtLookup> = Box::new(HickoryTxt::from_system()?);
+        let txt = PinnedTxt::new(config.lexicons.authorities.clone(), Some(dns));
+        let fetcher = NetworkFetcher::new(
+            Box::new(txt),
+            guarded_client(config.dev_mode)?,
+            http.clone(),
+            config.plc_url.clone(),
+            config.dev_mode,
+        );
+        let ttl = std::time::Duration::from_secs(config.lexicons.resolution_ttl_seconds);
+        Some(Lexicons::resolver(fetcher, ttl))
+    } else {
+        None
+    };
+    Ok(Lexicons::new(catalog, resolver))
+}
+
+/// Adds every `*.json` lexicon under `dir` (recursively).
+fn load_lexicon_directory(
+    catalog: &mut crate::lexicon::Catalog,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
@@ -193,7 +241,7 @@ fn load_lexicons(dir: Option<&std::path::Path>) -> anyhow::Result<crate::lexicon
         }
     }
     tracing::info!(documents = catalog.len(), dir = %dir.display(), "loaded lexicons");
-    Ok(catalog)
+    Ok(())
 }
 
 /// Drops firehose events older than the retention window, hourly.

@@ -33,6 +33,15 @@ pub enum BlobError {
     TooLarge(u64),
     #[error("Could not read the upload: {0}")]
     Body(String),
+    /// A `Range` that starts at or past the end of a blob of `size` bytes.
+    #[error("Range Not Satisfiable")]
+    RangeNotSatisfiable { size: u64 },
+    /// The blob's row exists but its bytes are gone from the store (a file
+    /// deleted by hand, a bucket emptied, a restore that missed the store).
+    /// Clients see it as not found, like the reference PDS's
+    /// `BlobNotFoundError`; the operator sees a warning.
+    #[error("blob {cid} has a row but no bytes in the {tier} store")]
+    Missing { cid: String, tier: String },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -211,11 +220,13 @@ impl Blobs {
             Some((start, end)) if start < size => {
                 Some((start, end.map_or(size, |e| e.saturating_add(1).min(size))))
             }
-            Some(_) => return Err(BlobError::Body("range not satisfiable".into())),
+            Some(_) => return Err(BlobError::RangeNotSatisfiable { size }),
             None => None,
         };
+        let missing = |row: &BlobRow| BlobError::Missing { cid: cid.to_owned(), tier: row.tier.clone() };
         if row.tier == "sqlite" {
-            let data = self.db.blob_data(did, cid).await?.unwrap_or_default();
+            // A NULL `data` would otherwise be served as an empty blob.
+            let Some(data) = self.db.blob_data(did, cid).await? else { return Err(missing(&row)) };
             let data = match range {
                 Some((a, b)) => data[a as usize..b as usize].to_vec(),
                 None => data,
@@ -226,7 +237,11 @@ impl Blobs {
             anyhow::anyhow!("blob {cid} is in the {} store, which is not configured", row.tier)
         })?;
         let options = GetOptions { range: range.map(|(a, b)| GetRange::Bounded(a..b)), ..Default::default() };
-        let result = store.get_opts(&object_path(did, cid), options).await.map_err(anyhow::Error::from)?;
+        let result = match store.get_opts(&object_path(did, cid), options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Err(missing(&row)),
+            Err(e) => return Err(anyhow::Error::from(e).into()),
+        };
         let stream = result.into_stream().map_err(std::io::Error::other);
         Ok(Some(BlobContent { row, range, body: Body::from_stream(stream) }))
     }

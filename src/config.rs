@@ -136,6 +136,26 @@ pub struct RawConfig {
     /// without a loaded lexicon are accepted as `validationStatus: "unknown"`.
     #[serde(deserialize_with = "stringish")]
     pub lexicon_directory: Option<String>,
+    /// The installed lexicon bundle (`PDS_LEXICON_BUNDLE`, default
+    /// `<data>/lexicons.json`), written by `roost lexicons install`.
+    #[serde(deserialize_with = "stringish")]
+    pub lexicon_bundle: Option<String>,
+    /// Whether `roost serve` installs a missing bundle from the npm registry
+    /// (`PDS_LEXICON_AUTO_INSTALL`, default true).
+    pub lexicon_auto_install: bool,
+    /// The npm registry the bundle's package comes from
+    /// (`PDS_LEXICON_NPM_REGISTRY`, default https://registry.npmjs.org).
+    #[serde(deserialize_with = "stringish")]
+    pub lexicon_npm_registry: Option<String>,
+    /// Resolve lexicons the catalog lacks over the network
+    /// (`PDS_LEXICON_RESOLUTION`, default false).
+    pub lexicon_resolution: bool,
+    /// How long a resolved lexicon is trusted (`PDS_LEXICON_RESOLUTION_TTL_SECONDS`, default 3600).
+    pub lexicon_resolution_ttl_seconds: u64,
+    /// Pinned authorities, `domain=did,…` (`PDS_LEXICON_AUTHORITIES`): the
+    /// DID publishing an NSID authority's lexicons, used instead of DNS.
+    #[serde(deserialize_with = "stringish")]
+    pub lexicon_authorities: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -187,6 +207,12 @@ impl Default for RawConfig {
             blobstore_s3_secret_access_key: None,
             blob_unused_ttl_seconds: 3600,
             lexicon_directory: None,
+            lexicon_bundle: None,
+            lexicon_auto_install: true,
+            lexicon_npm_registry: None,
+            lexicon_resolution: false,
+            lexicon_resolution_ttl_seconds: 3600,
+            lexicon_authorities: None,
         }
     }
 }
@@ -239,6 +265,21 @@ pub struct Config {
     pub firehose_retention_hours: u64,
     pub blobstore: BlobstoreConfig,
     pub lexicon_directory: Option<PathBuf>,
+    pub lexicons: LexiconConfig,
+}
+
+/// Where lexicons come from (see `lexicon::bundled` and `lexicon_net`).
+#[derive(Debug, Clone)]
+pub struct LexiconConfig {
+    /// The installed bundle file; `None` loads no bundle.
+    pub bundle: Option<PathBuf>,
+    pub auto_install: bool,
+    pub npm_registry: String,
+    /// Network resolution of lexicons the catalog lacks.
+    pub resolution: bool,
+    pub resolution_ttl_seconds: u64,
+    /// NSID authority domain → DID, consulted before DNS.
+    pub authorities: Vec<(String, String)>,
 }
 
 /// Where proxied XRPC calls go and how (see `crate::proxy`).
@@ -427,11 +468,37 @@ impl RawConfig {
             timeout_secs: self.proxy_timeout_seconds.max(1),
             max_response_bytes: self.proxy_max_response_bytes,
         };
+        let npm_registry =
+            self.lexicon_npm_registry.unwrap_or_else(|| crate::lexicon_store::DEFAULT_REGISTRY.into());
+        check_url("PDS_LEXICON_NPM_REGISTRY", &npm_registry, dev)?;
+        let mut authorities = Vec::new();
+        for pin in self.lexicon_authorities.as_deref().map(split_list).into_iter().flatten() {
+            let (domain, did) = pin
+                .split_once('=')
+                .ok_or_else(|| err(format!("PDS_LEXICON_AUTHORITIES: {pin:?} is not domain=did")))?;
+            crate::atp::syntax::Did::new(did.trim())
+                .map_err(|e| err(format!("PDS_LEXICON_AUTHORITIES: {did:?}: {e}")))?;
+            authorities.push((domain.trim().to_ascii_lowercase(), did.trim().to_owned()));
+        }
+        let lexicons = LexiconConfig {
+            bundle: Some(
+                self.lexicon_bundle
+                    .filter(|b| !b.is_empty())
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| data_directory.join("lexicons.json")),
+            ),
+            auto_install: self.lexicon_auto_install,
+            npm_registry: npm_registry.trim_end_matches('/').to_owned(),
+            resolution: self.lexicon_resolution,
+            resolution_ttl_seconds: self.lexicon_resolution_ttl_seconds,
+            authorities,
+        };
         Ok(Config {
             proxy,
             invite_required: self.invite_required,
             rate_limits_enabled: self.rate_limits_enabled,
             trusted_proxies: self.trusted_proxies,
+            lexicons,
             service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
@@ -522,6 +589,16 @@ impl Config {
                 unused_ttl_seconds: 3600,
             },
             lexicon_directory: None,
+            // Tests start without a bundle and with no network resolution;
+            // the lexicon tests opt in.
+            lexicons: LexiconConfig {
+                bundle: None,
+                auto_install: false,
+                npm_registry: crate::lexicon_store::DEFAULT_REGISTRY.into(),
+                resolution: false,
+                resolution_ttl_seconds: 3600,
+                authorities: Vec::new(),
+            },
             data_directory: data_dir,
             plc_url,
             jwt_secret: Some("test-secret-0123456789abcdef".into()),

@@ -12,6 +12,8 @@ pub mod db;
 pub mod handle;
 pub mod identity;
 pub mod lexicon;
+pub mod lexicon_net;
+pub mod lexicon_store;
 pub mod proxy;
 pub mod ratelimit;
 pub mod repo;

@@ -39,6 +39,12 @@ enum Command {
         #[command(subcommand)]
         command: HandleCommand,
     },
+    /// The offline lexicon bundle: install it from the pinned npm package, or
+    /// show what is installed.
+    Lexicons {
+        #[command(subcommand)]
+        command: LexiconsCommand,
+    },
     /// Ask the relays in PDS_CRAWLERS (or those given) to crawl this PDS now.
     Crawl {
         /// Relay hosts; defaults to PDS_CRAWLERS.
@@ -117,6 +123,22 @@ enum BlobsCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum LexiconsCommand {
+    /// Download the pinned package (or read it with --from), check its
+    /// SHA-512, and write the bundle (default PDS_LEXICON_BUNDLE).
+    Install {
+        /// A tarball of the pinned package version, for hosts without registry access.
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
+        /// Where to write the bundle.
+        #[arg(long)]
+        to: Option<std::path::PathBuf>,
+    },
+    /// The installed bundle's source and document counts.
+    Status,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -136,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{account} is now {}", new_handle.to_ascii_lowercase());
             Ok(())
         }
+        Command::Lexicons { command } => lexicons(command).await,
     }
 }
 
@@ -221,6 +244,24 @@ async fn serve(dev: bool) -> anyhow::Result<()> {
         raw.hostname.get_or_insert_with(|| "localhost".into());
     }
     let config = raw.validate()?;
+    if let Some(bundle) = &config.lexicons.bundle
+        && config.lexicons.auto_install
+        && !bundle.exists()
+    {
+        // First start: fetch the pinned, checksummed bundle once. Offline,
+        // this fails fast and the server runs without it (warned below).
+        println!(
+            "roost: installing the lexicon bundle ({} {})",
+            roost::lexicon_store::PACKAGE,
+            roost::lexicon_store::VERSION
+        );
+        let http = registry_client()?;
+        if let Err(e) =
+            roost::lexicon_store::install(&http, &config.lexicons.npm_registry, None, bundle).await
+        {
+            tracing::warn!(error = %format!("{e:#}"), "could not install the lexicon bundle");
+        }
+    }
     let addr = std::net::SocketAddr::new(config.bind_address, config.port);
     let app = App::build(config).await?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -285,6 +326,70 @@ async fn blobs(command: BlobsCommand) -> anyhow::Result<()> {
                 println!("keep PDS_BLOBSTORE_S3_BUCKET set so new large blobs go to S3 too");
             } else {
                 println!("unset PDS_BLOBSTORE_S3_BUCKET so new large blobs go to disk too");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn registry_client() -> anyhow::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(120))
+        .build()?)
+}
+
+async fn lexicons(command: LexiconsCommand) -> anyhow::Result<()> {
+    // No full validation: installing into an image at build time has no
+    // hostname or account to configure.
+    let raw = RawConfig::load()?;
+    let default_bundle = || {
+        raw.lexicon_bundle.clone().filter(|b| !b.is_empty()).map(std::path::PathBuf::from).unwrap_or_else(
+            || {
+                std::path::PathBuf::from(raw.data_directory.clone().unwrap_or_else(|| "./data".into()))
+                    .join("lexicons.json")
+            },
+        )
+    };
+    match command {
+        LexiconsCommand::Install { from, to } => {
+            let dest = to.unwrap_or_else(default_bundle);
+            let registry = raw
+                .lexicon_npm_registry
+                .clone()
+                .unwrap_or_else(|| roost::lexicon_store::DEFAULT_REGISTRY.into());
+            let bundle =
+                roost::lexicon_store::install(&registry_client()?, &registry, from.as_deref(), &dest).await?;
+            println!(
+                "installed {} lexicon documents from {} {} into {}",
+                bundle.documents.len(),
+                bundle.source.package,
+                bundle.source.version,
+                dest.display()
+            );
+        }
+        LexiconsCommand::Status => {
+            let path = default_bundle();
+            let Some((bundle, catalog)) = roost::lexicon_store::read_bundle(&path)? else {
+                anyhow::bail!("no lexicon bundle at {}: run `roost lexicons install`", path.display());
+            };
+            println!(
+                "{}: {} {} ({})",
+                path.display(),
+                bundle.source.package,
+                bundle.source.version,
+                bundle.source.integrity
+            );
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            for doc in catalog.docs() {
+                let id = doc.id().as_str();
+                let ns = id.splitn(3, '.').take(2).collect::<Vec<_>>().join(".");
+                *counts.entry(ns).or_default() += 1;
+            }
+            for (ns, n) in counts {
+                println!("{ns:<16} {n:>5}");
             }
         }
     }

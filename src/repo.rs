@@ -378,7 +378,7 @@ impl RepoService {
         let mut changed = false;
         // Record↔blob links: records whose old links go, and new links.
         let mut blob_cleared: Vec<(String, String)> = Vec::new();
-        let mut blob_added: Vec<(String, String, String)> = Vec::new();
+        let mut blob_added: Vec<ClaimedBlob> = Vec::new();
         // Per key: value before this commit and after it, in first-touch order.
         let mut changes: Vec<(String, Option<Cid>, Option<Cid>)> = Vec::new();
         let mut note = |key: &str, before: Option<Cid>, after: Option<Cid>| match changes
@@ -399,7 +399,7 @@ impl RepoService {
                     let (cid, bytes) = encode_record(&value)?;
                     editor.insert(&key, cid).await?;
                     note(&key, None, Some(cid));
-                    self.check_blobs(did, &value, &collection, &rkey, &mut blob_added).await?;
+                    claim_blobs(&value, &collection, &rkey, &mut blob_added);
                     record_blocks.push((cid, bytes));
                     upserts.push(RecordRow {
                         collection: collection.to_string(),
@@ -421,8 +421,9 @@ impl RepoService {
                             blob_cleared.push((collection.to_string(), rkey.to_string()));
                         }
                         // A key written earlier in this batch loses those links.
-                        blob_added.retain(|(c, r, _)| !(c == collection.as_str() && r == rkey.as_str()));
-                        self.check_blobs(did, &value, &collection, &rkey, &mut blob_added).await?;
+                        blob_added
+                            .retain(|b| !(b.collection == collection.as_str() && b.rkey == rkey.as_str()));
+                        claim_blobs(&value, &collection, &rkey, &mut blob_added);
                         record_blocks.push((cid, bytes));
                         upserts.push(RecordRow {
                             collection: collection.to_string(),
@@ -445,7 +446,8 @@ impl RepoService {
                         editor.delete(&key).await?;
                         note(&key, Some(old), None);
                         blob_cleared.push((collection.to_string(), rkey.to_string()));
-                        blob_added.retain(|(c, r, _)| !(c == collection.as_str() && r == rkey.as_str()));
+                        blob_added
+                            .retain(|b| !(b.collection == collection.as_str() && b.rkey == rkey.as_str()));
                         deletes.push((collection.to_string(), rkey.to_string()));
                         upserts.retain(|r: &RecordRow| {
                             !(r.collection == collection.as_str() && r.rkey == rkey.as_str())
@@ -539,10 +541,11 @@ impl RepoService {
         )
         .await
         .map_err(persist_error)?;
+        check_claimed_blobs_in(&mut tx, did, &blob_added).await?;
         // An update may re-link the blobs it had: links are cleared first.
         let links: Vec<BlobLink> = blob_added
             .iter()
-            .map(|(c, r, cid)| BlobLink { collection: c, rkey: r, cid: cid.clone() })
+            .map(|b| BlobLink { collection: &b.collection, rkey: &b.rkey, cid: b.cid.clone() })
             .collect();
         crate::db::blobs::relink_in(&mut tx, did, rev.as_str(), &blob_cleared, &links).await?;
         let frame = if too_big {
@@ -601,37 +604,58 @@ impl RepoService {
     }
 }
 
-impl RepoService {
-    /// Every blob a record references must have been uploaded to this
-    /// account, with the MIME type and size the record claims.
-    async fn check_blobs(
-        &self,
-        did: &str,
-        value: &Ipld,
-        collection: &Nsid,
-        rkey: &RecordKey,
-        links: &mut Vec<(String, String, String)>,
-    ) -> Result<(), RepoError> {
-        for r in crate::atp::data::blob_refs(value) {
-            let cid = r.cid.to_string();
-            let stored =
-                self.db.blob(did, &cid).await?.ok_or_else(|| RepoError::BlobNotFound(cid.clone()))?;
-            if stored.mime_type != r.mime_type {
-                return Err(RepoError::InvalidRequest(format!(
-                    "Referenced Mimetype does not match stored blob. Expected: {}, Got: {}",
-                    stored.mime_type, r.mime_type
-                )));
-            }
-            if u64::try_from(stored.size).ok() != Some(r.size) {
-                return Err(RepoError::InvalidRequest(format!(
-                    "Referenced size does not match stored blob. Expected: {}, Got: {}",
-                    stored.size, r.size
-                )));
-            }
-            links.push((collection.to_string(), rkey.to_string(), cid));
-        }
-        Ok(())
+/// A blob reference a write adds: the record holding it and what the
+/// record claims about the blob.
+struct ClaimedBlob {
+    collection: String,
+    rkey: String,
+    cid: String,
+    mime_type: String,
+    size: u64,
+}
+
+/// Notes every blob `value` references. They are checked against the
+/// `blob` table by [`check_claimed_blobs_in`], inside the commit's
+/// transaction: checked before it, a concurrent sweep could delete a blob
+/// between the check and the commit and leave a record pointing at nothing.
+fn claim_blobs(value: &Ipld, collection: &Nsid, rkey: &RecordKey, claims: &mut Vec<ClaimedBlob>) {
+    for r in crate::atp::data::blob_refs(value) {
+        claims.push(ClaimedBlob {
+            collection: collection.to_string(),
+            rkey: rkey.to_string(),
+            cid: r.cid.to_string(),
+            mime_type: r.mime_type.to_string(),
+            size: r.size,
+        });
     }
+}
+
+/// Every blob a record references must have been uploaded to this account,
+/// with the MIME type and size the record claims. Runs in the commit's
+/// write transaction, so what it sees is what the commit links to.
+async fn check_claimed_blobs_in(
+    conn: &mut sqlx::SqliteConnection,
+    did: &str,
+    claims: &[ClaimedBlob],
+) -> Result<(), RepoError> {
+    for claim in claims {
+        let stored = crate::db::blobs::blob_in(conn, did, &claim.cid)
+            .await?
+            .ok_or_else(|| RepoError::BlobNotFound(claim.cid.clone()))?;
+        if stored.mime_type != claim.mime_type {
+            return Err(RepoError::InvalidRequest(format!(
+                "Referenced Mimetype does not match stored blob. Expected: {}, Got: {}",
+                stored.mime_type, claim.mime_type
+            )));
+        }
+        if u64::try_from(stored.size).ok() != Some(claim.size) {
+            return Err(RepoError::InvalidRequest(format!(
+                "Referenced size does not match stored blob. Expected: {}, Got: {}",
+                stored.size, claim.size
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_swap(key: &str, current: Option<Cid>, swap: Swap) -> Result<(), RepoError> {

@@ -556,10 +556,12 @@ async fn get_blob_serves_bytes_headers_and_ranges_from_both_tiers() {
         assert_eq!(header(&resp, "content-range"), Some(format!("bytes {}-{}/{n}", n - 3, n - 1)));
         assert_eq!(&resp.bytes().await.expect("body")[..], &bytes[n - 3..]);
 
-        // Out of range.
+        // Out of range: a 416 that names the length (RFC 9110 §15.5.17),
+        // so a client can retry with a range that fits.
         for bad in [format!("bytes={n}-"), format!("bytes={}-{}", n + 10, n + 20)] {
             let resp = get_blob(&pds, &cid, Some(&bad)).await;
             assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{cid} {bad}");
+            assert_eq!(header(&resp, "content-range"), Some(format!("bytes */{n}")), "{cid} {bad}");
         }
     }
 
@@ -592,6 +594,94 @@ async fn get_blob_range_with_a_huge_end_is_clamped() {
         assert_eq!(range, Some(format!("bytes 5-{}/{n}", n - 1)), "size {n}");
         assert_eq!(&body[..], &bytes[5..], "size {n}");
     }
+}
+
+/// A blob whose row survives but whose bytes are gone from the store (a
+/// file deleted by hand, a restore that missed the blob directory) is "not
+/// found" for clients, as in the reference PDS, never a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_whose_bytes_are_gone_from_the_store_is_not_found() {
+    let pds = TestPds::spawn_with(Options {
+        configure: cfg(|c| c.blobstore.sqlite_max_bytes = 1024),
+        ..Options::default()
+    })
+    .await;
+    let (access, _) = pds.login().await;
+    let large_bytes = png_like(&seed("gone-large"), 5000);
+    let large = upload_ok(&pds, &access, &large_bytes, "image/png").await;
+    let file = stored_file(&blob_dir(&pds), &cid_of(&large)).expect("a large blob is a file");
+    std::fs::remove_file(&file).expect("delete the stored file");
+
+    // A SQLite-tier row whose bytes are NULL is the same fault in the other tier.
+    let small_bytes = png_like(&seed("gone-small"), 500);
+    let small = upload_ok(&pds, &access, &small_bytes, "image/png").await;
+    let db = open_db(&pds.data_dir).await;
+    sqlx::query("UPDATE blob SET data = NULL WHERE cid = ?")
+        .bind(cid_of(&small))
+        .execute(&db.pool)
+        .await
+        .expect("clear the bytes");
+
+    for blob in [&large, &small] {
+        for range in [None, Some("bytes=0-9")] {
+            let resp = get_blob(&pds, &cid_of(blob), range).await;
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            assert_xrpc_error(status, &body, 400, "BlobNotFound");
+        }
+    }
+}
+
+/// The blob check of a write runs inside the commit's transaction. Here a
+/// second connection holds the write lock while it deletes the blob row (as
+/// a sweep would); the write, which read the row before that delete
+/// committed, must see the delete and refuse, not link a record to a blob
+/// that no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_deleted_while_a_write_waits_for_the_lock_is_not_linked() {
+    let pds = TestPds::spawn().await;
+    let (access, _) = pds.login().await;
+    let bytes = png_like(&seed("race"), 4000);
+    let blob = upload_ok(&pds, &access, &bytes, "image/png").await;
+    let head = pds.latest().await;
+
+    let db = open_db(&pds.data_dir).await;
+    let mut tx = db.begin_write().await.expect("take the write lock");
+    sqlx::query("DELETE FROM blob WHERE cid = ?")
+        .bind(cid_of(&blob))
+        .execute(&mut *tx)
+        .await
+        .expect("delete the row");
+
+    let body = json!({ "repo": pds.did, "collection": POST, "record": post_with_images("race", &[&blob]) });
+    let write = {
+        let (base_url, access) = (pds.base_url.clone(), access.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base_url}/xrpc/com.atproto.repo.createRecord"))
+                .bearer_auth(access)
+                .json(&body)
+                .send()
+                .await
+                .expect("send");
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    };
+    // Long enough for the write to get past everything before the commit's
+    // transaction and wait on the lock (SQLite's busy timeout is 10 s).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!write.is_finished(), "the write should be waiting for the write lock");
+    tx.commit().await.expect("commit the delete");
+
+    let (status, body) = write.await.expect("join");
+    assert_xrpc_error(status, &body, 400, "BlobNotFound");
+    assert_eq!(pds.latest().await, head, "a refused write must not commit");
+    let links: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM record_blob")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count links");
+    assert_eq!(links, 0, "no record may link to a deleted blob");
 }
 
 // ---------------------------------------------------------------------------

@@ -77,6 +77,8 @@ async fn start_server(work: &Path, port: u16, plc_url: &str) -> ServerGuard {
         .env("PDS_SERVICE_HANDLE_DOMAINS", ".test")
         .env("PDS_JWT_SECRET", JWT_SECRET)
         .env("PDS_CRAWLERS", "")
+        // Each start is a fresh data directory: no lexicon download per start.
+        .env("PDS_LEXICON_AUTO_INSTALL", "false")
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("log fd"))
         .stderr(out)

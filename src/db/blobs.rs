@@ -202,6 +202,19 @@ impl Db {
 /// Updates the record↔blob links of a commit and releases blobs that lost
 /// their last reference: SQLite-tier rows go now, large-store objects are
 /// queued for deletion (all in the commit's transaction).
+/// [`Db::blob`] inside a transaction.
+pub(crate) async fn blob_in(
+    conn: &mut SqliteConnection,
+    did: &str,
+    cid: &str,
+) -> Result<Option<BlobRow>, sqlx::Error> {
+    sqlx::query_as("SELECT cid, mime_type, size, tier FROM blob WHERE did = ? AND cid = ?")
+        .bind(did)
+        .bind(cid)
+        .fetch_optional(conn)
+        .await
+}
+
 pub(crate) async fn relink_in(
     conn: &mut SqliteConnection,
     did: &str,

@@ -5,11 +5,12 @@
 //! [`validate_record`] checks a record (in its atproto JSON form) and its
 //! record key against the catalog. The `bundled` submodule explains where
 //! the offline set (`com.atproto.*`, `app.bsky.*`, `chat.bsky.*`) comes
-//! from and provides its loader, [`Catalog::from_json_sources`]; `resolve`
-//! describes how lexicons outside it are found at run time.
+//! from and parses it ([`Bundle`]); `resolve` holds the protocol half of
+//! finding lexicons outside it at run time.
 //!
-//! Like `atp`, this module is pure: no I/O, no clock. Resolution's network
-//! half is a trait that the identity layer implements.
+//! Like `atp`, this module is pure: no I/O, no clock. The I/O lives in
+//! `lexicon_store` (installing and loading the bundle) and `lexicon_net`
+//! (the network half of resolution, behind the `LexiconFetcher` trait).
 
 mod bundled;
 pub mod resolve;
@@ -27,7 +28,7 @@ use serde_json::Value;
 
 use crate::atp::syntax::Nsid;
 
-pub use bundled::OFFLINE_NAMESPACES;
+pub use bundled::{Bundle, BundleSource, OFFLINE_NAMESPACES, normalize_refs, parse_schema_dict};
 pub use schema::{
     ArraySchema, BlobSchema, Body, BooleanSchema, BytesSchema, ErrorDecl, IntegerSchema, LexiconDoc, Message,
     ObjectSchema, ParamsSchema, PermissionSchema, PermissionSetSchema, PlainSchema, ProcedureSchema,

@@ -16,18 +16,16 @@
 //!    record can only be validated once all its refs resolve.
 //!
 //! This module holds the protocol logic and the cache; it does no I/O.
-//! The two network operations are the [`LexiconFetcher`] trait, which the
-//! identity layer implements with its DNS resolver and SSRF-guarded HTTP
-//! client (`com.atproto.repo.getRecord` on the DID's PDS, or
-//! `com.atproto.sync.getRecord` where a signed proof is wanted).
+//! The two network operations are the [`LexiconFetcher`] trait, which
+//! `crate::lexicon_net` implements with a DNS resolver and an SSRF-guarded
+//! HTTP client (`com.atproto.repo.getRecord` on the DID's PDS).
 //!
-//! Intended use on the write path: the application keeps the current
-//! catalog in an `Arc<Catalog>` that is swapped, never mutated in place.
-//! With `validate` unset and the collection unknown, it calls
-//! [`Resolver::resolve`] under a short timeout; on success it inserts the
-//! documents into a clone of the catalog, publishes the clone, and
-//! validates; on failure the record is accepted unvalidated (optimistic
-//! validation). With `validate: true` a failure rejects the write.
+//! Use on the write path (`lexicon_net::Lexicons::for_collection`): for a
+//! collection the start-up catalog lacks, [`Resolver::resolve`] runs under a
+//! timeout and returns the catalog extended with the resolved documents,
+//! which live only in this cache, so they expire with it. On failure the
+//! record is accepted as `unknown` (the reference PDS's optimistic
+//! validation); with `validate: true` a failure rejects the write.
 
 use std::collections::HashMap;
 use std::future::Future;

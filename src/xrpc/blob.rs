@@ -23,6 +23,11 @@ impl From<BlobError> for XrpcError {
                 XrpcError::payload_too_large(format!("Blob is larger than the limit of {limit} bytes"))
             }
             BlobError::Body(m) => XrpcError::invalid_request(m),
+            BlobError::RangeNotSatisfiable { .. } => XrpcError::invalid_request("Range Not Satisfiable"),
+            BlobError::Missing { .. } => {
+                tracing::warn!(error = %e, "a blob's bytes are missing from its store");
+                XrpcError::lexicon("BlobNotFound", "Blob not found")
+            }
             BlobError::Internal(e) => XrpcError::internal(e),
         }
     }
@@ -89,8 +94,14 @@ pub async fn get_blob(
     let content = match state.blobs.get(&account.did, &p.cid, range).await {
         Ok(Some(c)) => c,
         Ok(None) => return Err(XrpcError::lexicon("BlobNotFound", "Blob not found")),
-        Err(BlobError::Body(_)) => {
-            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, "Range Not Satisfiable").into_response());
+        Err(BlobError::RangeNotSatisfiable { size }) => {
+            // RFC 9110 §15.5.17: a 416 names the current length so the
+            // client can retry with a range that fits.
+            let mut response = (StatusCode::RANGE_NOT_SATISFIABLE, "Range Not Satisfiable").into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(CONTENT_RANGE, v);
+            }
+            return Ok(response);
         }
         Err(e) => return Err(e.into()),
     };

@@ -63,7 +63,7 @@ fn parse_cid(s: &str, what: &str) -> XrpcResult<Cid> {
 /// validates it against the collection's lexicon as `validate` asks (the
 /// reference PDS's rules: unset validates known lexicons and lets unknown
 /// ones through; `true` requires a known lexicon; `false` skips).
-fn parse_record(
+async fn parse_record(
     state: &AppState,
     collection: &Nsid,
     rkey: &RecordKey,
@@ -94,7 +94,8 @@ fn parse_record(
     if validate == Some(false) {
         return Ok((record, None));
     }
-    match state.lexicons.validate_record(collection.as_str(), rkey.as_str(), value) {
+    let catalog = state.lexicons.for_collection(collection).await;
+    match catalog.validate_record(collection.as_str(), rkey.as_str(), value) {
         Ok(Validation::Valid) => Ok((record, Some("valid"))),
         Ok(Validation::Unknown) if validate == Some(true) => {
             Err(XrpcError::invalid_request(format!("Lexicon not found: lex:{collection}")))
@@ -173,7 +174,7 @@ pub async fn create_record(
         Some(r) => parse_rkey(r)?,
         None => parse_rkey(state.repo.next_tid(None).as_str())?,
     };
-    let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate)?;
+    let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate).await?;
     let write = Write::Create { collection: collection.clone(), rkey: rkey.clone(), value };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
     let cid = match outcome.results.first() {
@@ -230,7 +231,7 @@ pub async fn put_record(
     state.rate_limits.writes(&auth.did, crate::ratelimit::UPDATE_POINTS)?;
     let collection = parse_nsid(&input.collection)?;
     let rkey = parse_rkey(&input.rkey)?;
-    let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate)?;
+    let (value, status) = parse_record(&state, &collection, &rkey, &input.record, input.validate).await?;
     let swap = swap_from(&input.swap_record)?;
     let write = Write::Update { collection: collection.clone(), rkey: rkey.clone(), value, swap };
     let outcome = apply(&state, &account, vec![write], input.swap_commit.as_deref()).await?;
@@ -328,14 +329,14 @@ pub async fn apply_writes(
                     Some(r) => parse_rkey(r)?,
                     None => parse_rkey(state.repo.next_tid(None).as_str())?,
                 };
-                let (value, status) = parse_record(&state, &collection, &rkey, value, input.validate)?;
+                let (value, status) = parse_record(&state, &collection, &rkey, value, input.validate).await?;
                 statuses.push(status);
                 Write::Create { collection, rkey, value }
             }
             WriteInput::Update { collection, rkey, value } => {
                 let collection = parse_nsid(collection)?;
                 let rkey = parse_rkey(rkey)?;
-                let (value, status) = parse_record(&state, &collection, &rkey, value, input.validate)?;
+                let (value, status) = parse_record(&state, &collection, &rkey, value, input.validate).await?;
                 statuses.push(status);
                 Write::Update { collection, rkey, value, swap: Swap::Any }
             }

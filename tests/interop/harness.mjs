@@ -103,6 +103,8 @@ export async function startRoost(opts = {}) {
     PDS_JWT_SECRET: randomHex(32),
     PDS_ADMIN_PASSWORD: randomHex(12),
     PDS_CRAWLERS: '',
+    // A fresh data directory per instance: no lexicon bundle download per start.
+    PDS_LEXICON_AUTO_INSTALL: 'false',
     RUST_LOG: 'info',
     ...opts.env,
   }
