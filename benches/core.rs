@@ -393,41 +393,25 @@ fn bench_mst(c: &mut Criterion) {
                 }
                 let diff = ed.finish();
                 Overlay {
-                    top: diff
-                        .new_blocks
-                        .iter()
-                        .map(|(c, b)| (*c, Arc::from(b.as_slice())))
-                        .collect(),
+                    top: diff.new_blocks.iter().map(|(c, b)| (*c, Arc::from(b.as_slice()))).collect(),
                     base: fx.repo.blocks(DID),
                     root: diff.root,
                 }
             });
-            let ops: Vec<OpChange> = keys
-                .iter()
-                .map(|key| OpChange {
-                    key,
-                    before: None,
-                    after: Some(leaf),
-                })
-                .collect();
-            group.bench_with_input(
-                BenchmarkId::new(format!("covering_proof_{k}"), n),
-                &n,
-                |b, _| {
-                    b.iter_custom(|iters| {
-                        rt.block_on(async {
-                            let start = Instant::now();
-                            for _ in 0..iters {
-                                let proof = covering_proof(&overlay, overlay.root, &ops)
-                                    .await
-                                    .expect("proof");
-                                std::hint::black_box(proof);
-                            }
-                            start.elapsed()
-                        })
+            let ops: Vec<OpChange> =
+                keys.iter().map(|key| OpChange { key, before: None, after: Some(leaf) }).collect();
+            group.bench_with_input(BenchmarkId::new(format!("covering_proof_{k}"), n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let proof = covering_proof(&overlay, overlay.root, &ops).await.expect("proof");
+                            std::hint::black_box(proof);
+                        }
+                        start.elapsed()
                     })
-                },
-            );
+                })
+            });
         }
 
         // What createRecord costs below HTTP: one create, signed, persisted.

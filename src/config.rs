@@ -99,6 +99,10 @@ pub struct RawConfig {
     /// without a loaded lexicon are accepted as `validationStatus: "unknown"`.
     #[serde(deserialize_with = "stringish")]
     pub lexicon_directory: Option<String>,
+    /// `IP:port` of the Prometheus `/metrics` listener (`PDS_METRICS_LISTEN`, default
+    /// `127.0.0.1:9464`); an empty string disables it.
+    #[serde(deserialize_with = "stringish")]
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -135,6 +139,7 @@ impl Default for RawConfig {
             blobstore_s3_secret_access_key: None,
             blob_unused_ttl_seconds: 3600,
             lexicon_directory: None,
+            metrics_listen: Some("127.0.0.1:9464".into()),
         }
     }
 }
@@ -183,6 +188,8 @@ pub struct Config {
     pub firehose_retention_hours: u64,
     pub blobstore: BlobstoreConfig,
     pub lexicon_directory: Option<PathBuf>,
+    /// Where `/metrics` is served; `None` disables metrics entirely.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -299,7 +306,14 @@ impl RawConfig {
             return Err(err("PDS_JWT_SECRET must be at least 16 characters".into()));
         }
         let data_directory = PathBuf::from(self.data_directory.unwrap_or_else(|| "./data".into()));
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|e| {
+                err(format!("PDS_METRICS_LISTEN={addr}: {e} (expected IP:port, or empty to disable)"))
+            })?),
+        };
         Ok(Config {
+            metrics_listen,
             service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
@@ -390,6 +404,8 @@ impl Config {
                 unused_ttl_seconds: 3600,
             },
             lexicon_directory: None,
+            // Off: the Prometheus recorder is process-global, and tests that want it turn it on.
+            metrics_listen: None,
             data_directory: data_dir,
             plc_url,
             jwt_secret: Some("test-secret-0123456789abcdef".into()),
@@ -454,6 +470,23 @@ mod tests {
             assert_eq!(c.hostname, "from-toml.example.com");
             assert_eq!(c.port, 2000);
             assert_eq!(c.jwt_secret.as_deref(), Some("12345678901234567890"));
+            assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().expect("addr")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn metrics_listener_can_be_moved_or_disabled() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PDS_HOSTNAME", "pds.example.com");
+            jail.set_env("PDS_METRICS_LISTEN", "0.0.0.0:9999");
+            let c = RawConfig::load().expect("load").validate().expect("valid");
+            assert_eq!(c.metrics_listen, Some("0.0.0.0:9999".parse().expect("addr")));
+            jail.set_env("PDS_METRICS_LISTEN", "");
+            let c = RawConfig::load().expect("load").validate().expect("valid");
+            assert_eq!(c.metrics_listen, None);
+            jail.set_env("PDS_METRICS_LISTEN", "localhost");
+            assert!(RawConfig::load().expect("load").validate().is_err());
             Ok(())
         });
     }
