@@ -127,7 +127,9 @@ impl App {
             )),
         ];
         if let Some(m) = metrics {
-            tracing::info!(addr = ?m.listener.local_addr().ok(), "serving /metrics");
+            if let Ok(addr) = m.listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics");
+            }
             let sources = crate::telemetry::metrics::SampleSources {
                 db: db.clone(),
                 db_path: state.config.db_path(),

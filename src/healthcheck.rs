@@ -36,7 +36,7 @@ pub async fn check(port: u16) -> Result<(), String> {
         }
     })?;
     let status = response.status();
-    if status.is_success() {
+    if status == reqwest::StatusCode::OK {
         Ok(())
     } else {
         let body: String = response.text().await.unwrap_or_default().chars().take(200).collect();

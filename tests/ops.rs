@@ -389,6 +389,32 @@ async fn healthcheck_sigterm_and_backup_timestamp_with_the_real_binary() {
         .expect("run");
     assert_eq!(bad_port.status.code(), Some(1));
 
+    // `roost restore` from the CLI: into a fresh directory, then refused there without --force.
+    let restore = |target: PathBuf, force: bool| {
+        let mut cmd = Server::command(work.path(), 0, 0, &plc.url);
+        cmd.env("PDS_DATA_DIRECTORY", &target).args(["restore", "--from", out.to_str().expect("utf-8")]);
+        if force {
+            cmd.arg("--force");
+        }
+        async move { cmd.output().await.expect("run restore") }
+    };
+    let copy = work.path().join("data-copy");
+    let restored = restore(copy.clone(), false).await;
+    assert!(restored.status.success(), "roost restore: {restored:?}");
+    let names = |dir: PathBuf| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .expect("keys")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect()
+    };
+    assert!(copy.join("roost.sqlite").exists());
+    assert_eq!(names(copy.join("keys")), names(work.path().join("data/keys")));
+    assert!(!names(copy.join("keys")).is_empty());
+    let refused = restore(copy.clone(), false).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not empty"), "{refused:?}");
+    assert!(restore(copy.clone(), true).await.status.success());
+
     // Restarted on the same directory, the gauge reports the backup.
     drop(server);
     let server = Server::start(work.path(), &plc.url, &[]).await;

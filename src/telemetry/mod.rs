@@ -63,8 +63,9 @@ pub fn init(otlp: bool) -> anyhow::Result<Telemetry> {
     });
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
     OTEL_ON.store(provider.is_some(), Ordering::Relaxed);
-    if let Some(endpoint) = provider.as_ref().and(std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok()) {
-        tracing::info!(%endpoint, "exporting traces over OTLP");
+    if provider.is_some() {
+        // Not the endpoint itself: a URL can carry credentials.
+        tracing::info!("exporting traces over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)");
     }
     Ok(Telemetry { provider })
 }
