@@ -361,7 +361,8 @@ fn copy_hashed(src: &Path, dst: &Path, mode: u32) -> std::io::Result<(u64, Strin
 
 /// Copies and re-checks on the way (the backup could change after the first pass).
 fn copy_verified(src: &Path, dst: &Path, entry: &FileEntry) -> anyhow::Result<()> {
-    let (size, sha256) = copy_hashed(src, dst, entry.mode & 0o777)
+    // Owner bits only: the manifest is not signed, and nothing here is for other users.
+    let (size, sha256) = copy_hashed(src, dst, entry.mode & 0o700)
         .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     if size != entry.size || sha256 != entry.sha256 {
         let _ = std::fs::remove_file(dst);

@@ -423,6 +423,33 @@ async fn healthcheck_sigterm_and_backup_timestamp_with_the_real_binary() {
     assert_eq!(server.xrpc().list_all(&did, ITEM).await.len(), 20);
 }
 
+/// A client stalled half way through an upload cannot hold shutdown open:
+/// after 10 s of draining the server exits anyway (and still with 0).
+#[tokio::test]
+async fn sigterm_drain_gives_up_on_a_stalled_upload_after_10_s() {
+    use tokio::io::AsyncWriteExt as _;
+    let plc = MockPlc::start().await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(work.path(), &plc.url, &[]).await;
+    let (access, _) = server.xrpc().login_as(HANDLE, PASSWORD).await;
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect");
+    let head = format!(
+        "POST /xrpc/com.atproto.repo.uploadBlob HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {access}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    stalled.write_all(head.as_bytes()).await.expect("write");
+    stalled.write_all(&[7u8; 4096]).await.expect("write");
+    stalled.flush().await.expect("flush");
+    // Let the handler start reading the body.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, took) = server.terminate().await;
+    assert!(status.success(), "{status}\n{}", server.log_tail());
+    assert!(took >= Duration::from_secs(9), "the in-flight upload got its drain time: {took:?}");
+    assert!(took < Duration::from_secs(14), "draining is capped at 10 s: {took:?}");
+    assert!(server.log_tail().contains("did not finish within 10 s"), "{}", server.log_tail());
+    drop(stalled);
+}
+
 /// A server that answers health checks slowly counts as unhealthy after 3 s.
 #[tokio::test]
 async fn healthcheck_times_out_on_a_hung_server() {
@@ -722,6 +749,18 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
     let x = server.xrpc();
     assert_eq!(x.get("com.atproto.server.describeServer", &[]).await.0, StatusCode::OK);
     assert_eq!(x.get("com.example.not.routed", &[]).await.0, StatusCode::NOT_IMPLEMENTED);
+    // A caller's W3C trace context is continued.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{caller_trace}-00f067aa0ba902b7-01");
+    let r = x
+        .request(
+            Method::GET,
+            "/xrpc/com.atproto.sync.listRepos",
+            &[("traceparent", traceparent.as_str())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
     // Shutdown flushes the batch.
     let (status, _) = server.terminate().await;
     assert!(status.success(), "{}", server.log_tail());
@@ -751,4 +790,12 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
         .next()
         .expect("hex");
     assert_eq!(id.len(), 32, "{line}");
+    assert_ne!(id, caller_trace);
+    assert!(
+        log.lines().any(|l| l.contains("rpc.method=com.atproto.sync.listRepos")
+            && l.contains(&format!("trace_id={caller_trace}"))),
+        "the traceparent's trace id is used:\n{log}"
+    );
+    let caller_trace_bytes = hex::decode(caller_trace).expect("hex");
+    assert!(contains(&all, &caller_trace_bytes), "exported under the caller's trace id");
 }

@@ -184,7 +184,7 @@ pub struct KnownMethods(pub Arc<HashSet<&'static str>>);
 /// `roost_http_requests_total{method,status}` and the latency histogram.
 pub async fn track_http(State(known): State<KnownMethods>, request: Request, next: Next) -> Response {
     let (method, is_xrpc) = route_label(request.uri().path(), &known.0);
-    let span = super::request_span(request.method(), method, is_xrpc);
+    let span = super::request_span(request.method(), method, is_xrpc, request.headers());
     let start = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
     let elapsed = start.elapsed();

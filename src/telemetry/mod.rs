@@ -10,6 +10,7 @@ pub mod metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig as _;
 use tracing::Span;
@@ -86,9 +87,29 @@ fn tracer_provider() -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvid
         .build())
 }
 
+/// Reads W3C `traceparent`/`tracestate` from request headers.
+struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
 /// The span of one HTTP request, named `xrpc <nsid>` in traces. `nsid` is
-/// already bounded by the router table (see [`metrics::route_label`]).
-pub fn request_span(method: &axum::http::Method, nsid: &'static str, is_xrpc: bool) -> Span {
+/// already bounded by the router table (see [`metrics::route_label`]). With
+/// tracing on, a `traceparent` header (from the reverse proxy, or a client
+/// tracing its own calls) makes the span part of the caller's trace.
+pub fn request_span(
+    method: &axum::http::Method,
+    nsid: &'static str,
+    is_xrpc: bool,
+    headers: &axum::http::HeaderMap,
+) -> Span {
     let span = tracing::info_span!(
         "request",
         http.request.method = %method,
@@ -102,6 +123,11 @@ pub fn request_span(method: &axum::http::Method, nsid: &'static str, is_xrpc: bo
         let name = if is_xrpc { format!("xrpc {nsid}") } else { format!("{method} {nsid}") };
         span.record("otel.name", name);
         span.record("otel.kind", "server");
+        let parent =
+            opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        if parent.span().span_context().is_valid() {
+            let _ = span.set_parent(parent);
+        }
         // Log lines inside the request then carry the trace id, to jump from a
         // log to its trace.
         let trace_id = span.context().span().span_context().trace_id();
