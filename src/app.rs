@@ -50,7 +50,12 @@ impl std::ops::Deref for AppState {
 
 pub struct App {
     pub state: AppState,
+    /// The `/metrics` listener (`PDS_METRICS_LISTEN`), when enabled.
+    metrics: Option<crate::telemetry::metrics::Listener>,
 }
+
+/// How long shutdown waits for in-flight requests before closing them.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
@@ -106,7 +111,13 @@ impl App {
             config,
         }));
         ensure_configured_account(&state).await?;
-        Ok(App { state })
+        let metrics = crate::telemetry::metrics::bind(state.config.metrics_listen).await?;
+        Ok(App { state, metrics })
+    }
+
+    /// Where `/metrics` is served, when enabled.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.listener.local_addr().ok())
     }
 
     pub fn router(&self) -> axum::Router {
@@ -120,9 +131,9 @@ impl App {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let router = self.router();
-        let state = self.state.clone();
+        let App { state, metrics } = self;
         let db = state.db.clone();
-        let background = [
+        let mut background = vec![
             tokio::spawn(prune_events(state.clone())),
             tokio::spawn(sweep_blobs(state.clone())),
             tokio::spawn(crate::crawl::run(
@@ -132,15 +143,52 @@ impl App {
                 state.sequencer.activity(),
             )),
         ];
+        if let Some(m) = metrics {
+            if let Ok(addr) = m.listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics");
+            }
+            let sources = crate::telemetry::metrics::SampleSources {
+                db: db.clone(),
+                db_path: state.config.db_path(),
+                data_directory: state.config.data_directory.clone(),
+                handle: m.handle.clone(),
+            };
+            // The first sample before serving, so the first scrape has every gauge.
+            crate::telemetry::metrics::sample(&sources).await;
+            background.push(tokio::spawn(crate::telemetry::metrics::run_sampler(sources)));
+            let mut stopping = state.shutdown.subscribe();
+            background.push(tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stopping.wait_for(|s| *s).await;
+                };
+                if let Err(e) = crate::telemetry::metrics::serve(m.listener, m.handle, stopped).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            }));
+        }
         let stop = state.clone();
+        let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             shutdown.await;
             // Firehose streams end themselves, so draining can finish.
             let _ = stop.shutdown.send(true);
+            let _ = signalled_tx.send(());
         };
-        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let server = std::future::IntoFuture::into_future(
+            axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                .with_graceful_shutdown(shutdown),
+        );
+        // Draining is bounded: a stuck client must not keep a stopping container alive.
+        let drain_deadline = async move {
+            if signalled_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        };
+        tokio::select! {
+            result = server => result?,
+            () = drain_deadline => tracing::warn!("in-flight requests did not finish within 10 s; closing them"),
+        }
         for task in background {
             task.abort();
         }
@@ -150,9 +198,22 @@ impl App {
         while state.sequencer.subscriber_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        // Leave a compact database behind for backups by file copy.
-        let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&db.pool).await;
-        db.pool.close().await;
+        // Leave the whole database in the main file (an empty WAL) for file-level copies.
+        let closing = async {
+            match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&db.pool)
+                .await
+            {
+                Ok((0, _, _)) => {}
+                Ok(_) => tracing::warn!("WAL checkpoint incomplete at shutdown: the database was busy"),
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint at shutdown failed"),
+            }
+            db.pool.close().await;
+        };
+        // A request cut off by the drain deadline may still hold a connection.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), closing).await.is_err() {
+            tracing::warn!("database connections still busy at shutdown; exiting without a final checkpoint");
+        }
         Ok(())
     }
 }

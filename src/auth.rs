@@ -277,6 +277,7 @@ impl Default for LoginLimiter {
 impl LoginLimiter {
     pub fn check(&self, ip: std::net::IpAddr) -> Result<(), crate::xrpc::error::XrpcError> {
         self.0.check_key(&ip).map_err(|_| {
+            crate::telemetry::metrics::record_rate_limited("login");
             crate::xrpc::error::XrpcError::rate_limited("Too many login attempts; try again later")
         })
     }

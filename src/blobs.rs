@@ -72,7 +72,7 @@ pub struct Blobs {
     pub sqlite_max_bytes: u64,
 }
 
-fn object_path(did: &str, cid: &str) -> ObjectPath {
+pub(crate) fn object_path(did: &str, cid: &str) -> ObjectPath {
     ObjectPath::from(format!("{}/{}", did.replace(':', "_"), cid))
 }
 

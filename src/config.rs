@@ -156,6 +156,10 @@ pub struct RawConfig {
     /// DID publishing an NSID authority's lexicons, used instead of DNS.
     #[serde(deserialize_with = "stringish")]
     pub lexicon_authorities: Option<String>,
+    /// `IP:port` of the Prometheus `/metrics` listener (`PDS_METRICS_LISTEN`, default
+    /// `127.0.0.1:9464`); an empty string disables it.
+    #[serde(deserialize_with = "stringish")]
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -213,6 +217,7 @@ impl Default for RawConfig {
             lexicon_resolution: false,
             lexicon_resolution_ttl_seconds: 3600,
             lexicon_authorities: None,
+            metrics_listen: Some("127.0.0.1:9464".into()),
         }
     }
 }
@@ -266,6 +271,8 @@ pub struct Config {
     pub blobstore: BlobstoreConfig,
     pub lexicon_directory: Option<PathBuf>,
     pub lexicons: LexiconConfig,
+    /// Where `/metrics` is served; `None` disables metrics entirely.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where lexicons come from (see `lexicon::bundled` and `lexicon_net`).
@@ -493,12 +500,19 @@ impl RawConfig {
             resolution_ttl_seconds: self.lexicon_resolution_ttl_seconds,
             authorities,
         };
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|e| {
+                err(format!("PDS_METRICS_LISTEN={addr}: {e} (expected IP:port, or empty to disable)"))
+            })?),
+        };
         Ok(Config {
             proxy,
             invite_required: self.invite_required,
             rate_limits_enabled: self.rate_limits_enabled,
             trusted_proxies: self.trusted_proxies,
             lexicons,
+            metrics_listen,
             service_did: self.service_did.unwrap_or_else(|| format!("did:web:{hostname}")),
             hostname,
             port: self.port,
@@ -599,6 +613,8 @@ impl Config {
                 resolution_ttl_seconds: 3600,
                 authorities: Vec::new(),
             },
+            // Off: the Prometheus recorder is process-global, and tests that want it turn it on.
+            metrics_listen: None,
             data_directory: data_dir,
             plc_url,
             jwt_secret: Some("test-secret-0123456789abcdef".into()),
@@ -670,6 +686,23 @@ mod tests {
             assert_eq!(c.hostname, "from-toml.example.com");
             assert_eq!(c.port, 2000);
             assert_eq!(c.jwt_secret.as_deref(), Some("12345678901234567890"));
+            assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().expect("addr")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn metrics_listener_can_be_moved_or_disabled() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PDS_HOSTNAME", "pds.example.com");
+            jail.set_env("PDS_METRICS_LISTEN", "0.0.0.0:9999");
+            let c = RawConfig::load().expect("load").validate().expect("valid");
+            assert_eq!(c.metrics_listen, Some("0.0.0.0:9999".parse().expect("addr")));
+            jail.set_env("PDS_METRICS_LISTEN", "");
+            let c = RawConfig::load().expect("load").validate().expect("valid");
+            assert_eq!(c.metrics_listen, None);
+            jail.set_env("PDS_METRICS_LISTEN", "localhost");
+            assert!(RawConfig::load().expect("load").validate().is_err());
             Ok(())
         });
     }

@@ -47,13 +47,14 @@ pub async fn run(http: reqwest::Client, relays: Vec<String>, hostname: String, a
                 last = Some(Instant::now());
                 match request_crawl(&http, &relay, &hostname).await {
                     Ok(()) => {
-                        metrics::counter!("pds_relay_crawl_requests_total", "relay" => relay.clone(), "result" => "ok")
+                        metrics::counter!("roost_relay_crawl_requests_total", "relay" => relay.clone(), "result" => "ok")
                             .increment(1);
+                        crate::telemetry::metrics::record_crawl_success(&relay);
                         tracing::info!(%relay, "requested crawl");
                         backoff = MIN_INTERVAL;
                     }
                     Err(e) => {
-                        metrics::counter!("pds_relay_crawl_requests_total", "relay" => relay.clone(), "result" => "error")
+                        metrics::counter!("roost_relay_crawl_requests_total", "relay" => relay.clone(), "result" => "error")
                             .increment(1);
                         tracing::warn!(%relay, error = %e, "requestCrawl failed");
                         backoff = (backoff * 2).min(MAX_BACKOFF);

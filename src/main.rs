@@ -50,6 +50,25 @@ enum Command {
         /// Relay hosts; defaults to PDS_CRAWLERS.
         relays: Vec<String>,
     },
+    /// Exit 0 when the server on 127.0.0.1:$PDS_PORT answers /xrpc/_health within 3 s, else 1.
+    Healthcheck,
+    /// Write a consistent snapshot (database, keys, disk blobs, manifest.json) into DIR.
+    /// Safe while the server runs. S3-tier blobs are not copied.
+    Backup {
+        /// Target directory; must be absent or empty.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
+    /// Restore a backup into PDS_DATA_DIRECTORY after checking every checksum.
+    /// Stop the server first.
+    Restore {
+        /// A directory written by `roost backup`.
+        #[arg(long, value_name = "DIR")]
+        from: std::path::PathBuf,
+        /// Replace the database and keys of a non-empty data directory.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,13 +160,22 @@ enum LexiconsCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Command::Healthcheck = cli.command {
+        // No logging setup and no configuration: one line and an exit code.
+        let result = match roost::healthcheck::port_from_env() {
+            Ok(port) => roost::healthcheck::check(port).await,
+            Err(e) => Err(e),
+        };
+        if let Err(reason) = result {
+            eprintln!("unhealthy: {reason}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    // Held until exit: flushes buffered trace spans when dropped.
+    let _telemetry = roost::telemetry::init(matches!(cli.command, Command::Serve { .. }))?;
+    match cli.command {
         Command::Serve { dev } => serve(dev).await,
         Command::Crawl { relays } => crawl(relays).await,
         Command::Blobs { command } => blobs(command).await,
@@ -159,6 +187,33 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Lexicons { command } => lexicons(command).await,
+        Command::Healthcheck => Ok(()),
+        Command::Backup { out } => {
+            let config = RawConfig::load()?.validate()?;
+            let manifest = roost::backup::backup(&config, &out).await?;
+            println!(
+                "backup written to {} ({} files; {} disk blobs copied, {} S3 blobs left to the bucket's own backup)",
+                out.display(),
+                manifest.files.len(),
+                manifest.blobs.disk_copied,
+                manifest.blobs.s3_not_copied,
+            );
+            Ok(())
+        }
+        Command::Restore { from, force } => {
+            let config = RawConfig::load()?.validate()?;
+            let manifest = roost::backup::restore(&config, &from, force).await?;
+            println!(
+                "restored {} files from {} into {}",
+                manifest.files.len(),
+                from.display(),
+                config.data_directory.display()
+            );
+            if manifest.blobs.s3_not_copied > 0 {
+                println!("{} blobs live in S3 and were not part of the backup", manifest.blobs.s3_not_copied);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -262,6 +262,7 @@ impl RepoService {
             .await?,
         ];
         tx.commit().await?;
+        crate::telemetry::metrics::record_commit(0, 0, 0, blocks.len() as u64);
         self.sequencer.publish(frames);
         Ok(CommitInfo { cid: signed.cid, rev: rev.to_string() })
     }
@@ -525,6 +526,7 @@ impl RepoService {
         let time = now_datetime();
 
         let _seq_guard = self.sequencer.write_lock().await;
+        let tx_started = std::time::Instant::now();
         let mut tx = self.db.begin_write().await?;
         crate::db::repo::persist_commit_in(
             &mut tx,
@@ -569,6 +571,14 @@ impl RepoService {
             append_event(&mut tx, did, "commit", |seq| Ok(event::commit_frame(seq, &e)?)).await?
         };
         tx.commit().await?;
+        crate::telemetry::metrics::observe_db("commit", tx_started.elapsed());
+        let count = |action: &str| ops.iter().filter(|op| op.action == action).count() as u64;
+        crate::telemetry::metrics::record_commit(
+            count("create"),
+            count("update"),
+            count("delete"),
+            new_blocks.len() as u64,
+        );
         self.sequencer.publish(vec![frame]);
         Ok(ApplyOutcome {
             commit: Some(CommitInfo { cid: signed.cid, rev: rev.to_string() }),

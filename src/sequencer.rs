@@ -58,7 +58,7 @@ impl Sequencer {
     /// Publishes committed frames (call with the write lock held).
     pub fn publish(&self, frames: Vec<(i64, Vec<u8>)>) {
         for (seq, frame) in frames {
-            metrics::counter!("pds_firehose_events_total").increment(1);
+            metrics::counter!("roost_firehose_events_total").increment(1);
             // No receivers is fine: the log has it.
             let _ = self.live.send(SeqFrame { seq, frame: Bytes::from(frame) });
         }
@@ -86,7 +86,7 @@ impl Sequencer {
         }
         *count += 1;
         let n = self.subscribers.fetch_add(1, Ordering::SeqCst) + 1;
-        metrics::gauge!("pds_firehose_subscribers").set(n as f64);
+        metrics::gauge!("roost_firehose_subscribers").set(n as f64);
         Some(SubscriberSlot(self.clone(), ip))
     }
 
@@ -101,7 +101,7 @@ pub struct SubscriberSlot(Arc<Sequencer>, IpAddr);
 impl Drop for SubscriberSlot {
     fn drop(&mut self) {
         let n = self.0.subscribers.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
-        metrics::gauge!("pds_firehose_subscribers").set(n as f64);
+        metrics::gauge!("roost_firehose_subscribers").set(n as f64);
         let mut per_ip = self.0.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = per_ip.get_mut(&self.1) {
             *count -= 1;

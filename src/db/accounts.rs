@@ -27,7 +27,9 @@ macro_rules! select_account {
 
 impl Db {
     pub async fn account_by_did(&self, did: &str) -> Result<Option<AccountRow>, sqlx::Error> {
-        sqlx::query_as(select_account!("WHERE did = ?")).bind(did).fetch_optional(&self.pool).await
+        // Every authenticated request looks its account up: worth timing.
+        let query = sqlx::query_as(select_account!("WHERE did = ?")).bind(did).fetch_optional(&self.pool);
+        crate::telemetry::metrics::timed("account_by_did", query).await
     }
 
     pub async fn account_by_handle(&self, handle: &str) -> Result<Option<AccountRow>, sqlx::Error> {

@@ -7,6 +7,7 @@ use futures::TryStreamExt;
 use sqlx::{Row, SqliteConnection};
 
 use super::{Db, cid_from_bytes};
+use crate::telemetry::metrics::timed;
 
 #[derive(Debug, Clone)]
 pub struct RepoRoot {
@@ -60,29 +61,29 @@ fn root_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RepoRoot, sqlx::Error>
 
 impl Db {
     pub async fn repo_root(&self, did: &str) -> Result<Option<RepoRoot>, sqlx::Error> {
-        let row = sqlx::query("SELECT commit_cid, data_cid, rev FROM repo_root WHERE did = ?")
+        let query = sqlx::query("SELECT commit_cid, data_cid, rev FROM repo_root WHERE did = ?")
             .bind(did)
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(&self.pool);
+        let row = timed("repo_root", query).await?;
         row.as_ref().map(root_from_row).transpose()
     }
 
     pub async fn block(&self, did: &str, cid: &Cid) -> Result<Option<Arc<[u8]>>, sqlx::Error> {
-        let row = sqlx::query("SELECT data FROM block WHERE did = ? AND cid = ?")
+        let query = sqlx::query("SELECT data FROM block WHERE did = ? AND cid = ?")
             .bind(did)
             .bind(cid.to_bytes())
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(&self.pool);
+        let row = timed("block", query).await?;
         row.map(|r| r.try_get::<Vec<u8>, _>("data").map(Arc::from)).transpose()
     }
 
     pub async fn record(&self, did: &str, collection: &str, rkey: &str) -> Result<Option<Cid>, sqlx::Error> {
-        let row = sqlx::query("SELECT cid FROM record WHERE did = ? AND collection = ? AND rkey = ?")
+        let query = sqlx::query("SELECT cid FROM record WHERE did = ? AND collection = ? AND rkey = ?")
             .bind(did)
             .bind(collection)
             .bind(rkey)
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(&self.pool);
+        let row = timed("record", query).await?;
         row.map(|r| cid_from_bytes(r.try_get::<&[u8], _>("cid")?)).transpose()
     }
 
@@ -109,8 +110,8 @@ impl Db {
             // Record keys are printable ASCII, all below U+FFFF.
             (None, false) => "\u{ffff}".to_owned(),
         };
-        let rows =
-            sqlx::query(sql).bind(did).bind(collection).bind(bound).bind(limit).fetch_all(&self.pool).await?;
+        let query = sqlx::query(sql).bind(did).bind(collection).bind(bound).bind(limit).fetch_all(&self.pool);
+        let rows = timed("list_records", query).await?;
         rows.iter()
             .map(|r| {
                 Ok(RecordRow {
@@ -133,10 +134,13 @@ impl Db {
     /// update is conditional on the previous commit, so a lost race fails
     /// instead of forking the repository.
     pub async fn persist_commit(&self, w: CommitWrite<'_>) -> Result<(), CommitPersistError> {
-        let mut tx = self.begin_write().await?;
-        persist_commit_in(&mut tx, w).await?;
-        tx.commit().await?;
-        Ok(())
+        timed("persist_commit", async {
+            let mut tx = self.begin_write().await?;
+            persist_commit_in(&mut tx, w).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Streams a repository inside one read transaction: first the root that

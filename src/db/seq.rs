@@ -31,11 +31,11 @@ pub(crate) async fn append_event(
 impl Db {
     /// Up to `limit` events after `cursor`, oldest first.
     pub async fn events_after(&self, cursor: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
-        let rows = sqlx::query("SELECT seq, frame FROM seq_event WHERE seq > ? ORDER BY seq LIMIT ?")
+        let query = sqlx::query("SELECT seq, frame FROM seq_event WHERE seq > ? ORDER BY seq LIMIT ?")
             .bind(cursor)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+            .fetch_all(&self.pool);
+        let rows = crate::telemetry::metrics::timed("events_after", query).await?;
         rows.iter().map(|r| Ok((r.try_get("seq")?, r.try_get("frame")?))).collect()
     }
 

@@ -10,6 +10,7 @@ mod blob;
 pub mod error;
 pub mod extract;
 mod forward;
+mod ops;
 mod repo;
 mod server;
 mod subscribe;
@@ -23,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any, CorsLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
 use error::XrpcError;
@@ -80,8 +80,10 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.admin.deleteAccount", post(admin::delete_account)),
         ("dev.roost.admin.createAccount", post(admin::create_account)),
     ];
+    let known = crate::telemetry::metrics::known_methods(xrpc.iter().map(|(nsid, _)| *nsid));
     let mut router = Router::new()
         .route("/", get(banner))
+        .route("/tls-check", get(ops::tls_check))
         .route("/robots.txt", get(robots))
         .route("/xrpc/_health", get(health))
         .route("/.well-known/atproto-did", get(well_known_did))
@@ -120,7 +122,9 @@ pub fn router(state: AppState) -> Router {
                 .expose_headers(Any)
                 .max_age(std::time::Duration::from_secs(24 * 60 * 60)),
         )
-        .layer(TraceLayer::new_for_http())
+        // Outermost, so the span and the latency cover everything above; one
+        // span and one set of metrics per request, labelled by NSID.
+        .layer(axum::middleware::from_fn_with_state(known, crate::telemetry::metrics::track_http))
         .with_state(state)
 }
 

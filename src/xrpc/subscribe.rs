@@ -129,8 +129,8 @@ async fn send(out: &mut Out<'_>, frame: Bytes) -> Result<(), Stop> {
     let len = frame.len() as u64;
     match out.send_message(Message::Binary(frame)).await? {
         Ok(()) => {
-            metrics::counter!("pds_firehose_frames_sent_total").increment(1);
-            metrics::counter!("pds_firehose_bytes_sent_total").increment(len);
+            metrics::counter!("roost_firehose_frames_sent_total").increment(1);
+            metrics::counter!("roost_firehose_bytes_sent_total").increment(len);
             Ok(())
         }
         Err(_) => Err(Stop(None)),
@@ -138,7 +138,7 @@ async fn send(out: &mut Out<'_>, frame: Bytes) -> Result<(), Stop> {
 }
 
 fn too_slow() -> Stop {
-    metrics::counter!("pds_firehose_slow_consumer_disconnects_total").increment(1);
+    metrics::counter!("roost_firehose_slow_consumer_disconnects_total").increment(1);
     Stop::error("ConsumerTooSlow", "Stream consumer too slow")
 }
 
