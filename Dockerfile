@@ -21,6 +21,10 @@ COPY migrations ./migrations
 COPY benches ./benches
 RUN cargo build --release --locked --bin roost \
  && install -D -m 0755 target/release/roost /out/roost
+# The offline lexicons (app.bsky, chat.bsky, com.atproto, tools.ozone), from
+# the pinned npm package whose SHA-512 is compiled into roost: the image then
+# validates records without any network at run time.
+RUN /out/roost lexicons install --to /out/lexicons.json
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG ROOST_UID=10001
@@ -34,6 +38,7 @@ RUN set -eux; \
         --shell /usr/sbin/nologin roost; \
     install -d -m 0700 -o roost -g roost /pds /backups
 COPY --from=build /out/roost /usr/local/bin/roost
+COPY --from=build /out/lexicons.json /usr/share/roost/lexicons.json
 LABEL org.opencontainers.image.title="Roost" \
       org.opencontainers.image.description="A small, self-hostable AT Protocol Personal Data Server" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0"
@@ -42,6 +47,8 @@ LABEL org.opencontainers.image.title="Roost" \
 # (see .env.example). /pds holds roost.sqlite, keys/ and disk blobs; a new
 # volume mounted there takes this directory's owner (uid 10001) and mode.
 ENV PDS_DATA_DIRECTORY=/pds \
+    PDS_LEXICON_BUNDLE=/usr/share/roost/lexicons.json \
+    PDS_LEXICON_AUTO_INSTALL=false \
     PDS_BIND_ADDRESS=0.0.0.0 \
     PDS_PORT=2583 \
     PDS_METRICS_LISTEN=0.0.0.0:9464
