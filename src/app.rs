@@ -242,8 +242,8 @@ async fn sweep_blobs(state: AppState) {
 fn build_lexicons(config: &Config, http: &reqwest::Client) -> anyhow::Result<crate::lexicon_net::Lexicons> {
     use crate::lexicon_net::{HickoryTxt, Lexicons, NetworkFetcher, PinnedTxt, TxtLookup, guarded_client};
     let mut catalog = crate::lexicon::Catalog::new();
-    match &config.lexicons.bundle {
-        Some(path) => match crate::lexicon_store::read_bundle(path)? {
+    if let Some(path) = &config.lexicons.bundle {
+        match crate::lexicon_store::read_bundle(path)? {
             Some((bundle, loaded)) => {
                 tracing::info!(
                     documents = loaded.len(),
@@ -258,8 +258,7 @@ fn build_lexicons(config: &Config, http: &reqwest::Client) -> anyhow::Result<cra
                 "no lexicon bundle: records are not validated against the Bluesky lexicons \
                  (run `roost lexicons install`)"
             ),
-        },
-        None => {}
+        }
     }
     if let Some(dir) = &config.lexicon_directory {
         load_lexicon_directory(&mut catalog, dir)?;

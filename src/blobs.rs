@@ -38,8 +38,9 @@ pub enum BlobError {
     RangeNotSatisfiable { size: u64 },
     /// The blob's row exists but its bytes are gone from the store (a file
     /// deleted by hand, a bucket emptied, a restore that missed the store).
-    /// Clients see it as not found, like the reference PDS's
-    /// `BlobNotFoundError`; the operator sees a warning.
+    /// Clients get the same 400 "Blob not found" as for an unknown blob
+    /// (the reference PDS turns its store's `BlobNotFoundError` into that
+    /// 400 too); the operator gets a warning, since this is lost data.
     #[error("blob {cid} has a row but no bytes in the {tier} store")]
     Missing { cid: String, tier: String },
     #[error(transparent)]

@@ -677,6 +677,32 @@ mod tests {
     }
 
     #[test]
+    fn lexicon_settings() {
+        let c = raw("pds.example.com").validate().expect("valid");
+        assert_eq!(c.lexicons.bundle, Some(PathBuf::from("./data/lexicons.json")));
+        assert!(c.lexicons.auto_install && !c.lexicons.resolution, "offline by default");
+        let mut r = raw("pds.example.com");
+        r.lexicon_authorities = Some(
+            " Example.com = did:plc:abcdefghijklmnopqrstuvwx , fun.example.org=did:web:example.org".into(),
+        );
+        let c = r.clone().validate().expect("valid");
+        assert_eq!(
+            c.lexicons.authorities,
+            vec![
+                ("example.com".to_string(), "did:plc:abcdefghijklmnopqrstuvwx".to_string()),
+                ("fun.example.org".to_string(), "did:web:example.org".to_string()),
+            ]
+        );
+        r.lexicon_authorities = Some("example.com".into());
+        assert!(r.clone().validate().is_err(), "a pin needs a DID");
+        r.lexicon_authorities = Some("example.com=not-a-did".into());
+        assert!(r.clone().validate().is_err(), "the DID must be valid");
+        r.lexicon_authorities = None;
+        r.lexicon_npm_registry = Some("http://mirror.internal".into());
+        assert!(r.validate().is_err(), "a plain-http registry needs dev mode");
+    }
+
+    #[test]
     fn env_overrides_toml_and_numeric_secrets_stay_text() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("roost.toml", "hostname = \"from-toml.example.com\"\nport = 1000")?;

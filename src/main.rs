@@ -301,10 +301,11 @@ async fn serve(dev: bool) -> anyhow::Result<()> {
     let config = raw.validate()?;
     if let Some(bundle) = &config.lexicons.bundle
         && config.lexicons.auto_install
-        && !bundle.exists()
+        && bundle_needs_install(bundle)
     {
-        // First start: fetch the pinned, checksummed bundle once. Offline,
-        // this fails fast and the server runs without it (warned below).
+        // First start, or a Roost upgrade that pins another package version:
+        // fetch the pinned, checksummed bundle once. Offline this fails fast
+        // and the server runs with what it has (App::build says what).
         println!(
             "roost: installing the lexicon bundle ({} {})",
             roost::lexicon_store::PACKAGE,
@@ -385,6 +386,16 @@ async fn blobs(command: BlobsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// No bundle, or one built from another package version than this binary
+/// pins. A damaged bundle is left for `App::build` to refuse loudly.
+fn bundle_needs_install(path: &std::path::Path) -> bool {
+    match roost::lexicon_store::read_bundle(path) {
+        Ok(None) => true,
+        Ok(Some((bundle, _))) => bundle.source != roost::lexicon_store::source(),
+        Err(_) => false,
+    }
 }
 
 fn registry_client() -> anyhow::Result<reqwest::Client> {

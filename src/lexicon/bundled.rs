@@ -7,25 +7,28 @@
 //! # The source: `@atproto/api` from the npm registry, pinned
 //!
 //! Bluesky's own client package `@atproto/api` (MIT, about 1 MB packed)
-//! carries every lexicon document of the official `lexicons/` directory as
-//! data: `dist/client/lexicons.js` is a generated object literal,
+//! carries the official lexicon documents as data:
+//! `dist/client/lexicons.js` is a generated object literal,
 //! `schemaDict`, one entry per document. The only change its code generator
 //! makes is to write every reference in absolute form (`lex:nsid#name`);
 //! [`normalize_refs`] turns that back into the lexicon language's own
 //! spelling, so the documents equal the official files in meaning. Measured
 //! against the official set at the same upstream commit (the test
 //! `bundle_covers_the_official_lexicons` prints the counts), version
-//! 0.20.42 holds all 385 documents outside the permission sets and differs
-//! from none of them. The code generator skips `permission-set` documents
-//! (`app.bsky.auth*`, `chat.bsky.authFullChatClient`); those matter only to
-//! OAuth `include:` scopes, and network resolution covers them.
+//! 0.20.42 carries 385 of its 402 documents, each identical in meaning:
+//! every `com.atproto.*`, `app.bsky.*`, `chat.bsky.*` and `tools.ozone.*`
+//! document except the ten `permission-set` documents (`app.bsky.auth*`,
+//! `chat.bsky.authFullChatClient`), which the code generator skips. Those
+//! matter only to OAuth `include:` scopes, and network resolution covers
+//! them. Not carried either: the third-party `site.standard.*` and
+//! Bluesky-internal `internal.bsky.*` documents of the upstream directory.
 //!
 //! Alternatives measured and rejected:
 //! - `jacquard-api` (crates.io, MPL-2.0 code): its run-time documents cover
 //!   73 of 317 and drop blob `accept`/`maxSize`; the raw JSON its package
-//!   also carries lags upstream (8 official documents missing, among them
-//!   the record `app.bsky.actor.contentVisibilityDeclaration`, 27 older
-//!   versions) and compiling it pulls about 300 crates into the build.
+//!   also carries lags upstream (of the 402 official documents, 8 missing,
+//!   among them the record `app.bsky.actor.contentVisibilityDeclaration`,
+//!   and 27 in older versions) and compiling it pulls about 300 crates into the build.
 //! - `@atcute/*`, the PyPI `atproto` SDK, the newer `@atproto/pds`: typed
 //!   code or a schema DSL, no documents.
 //!
