@@ -103,8 +103,13 @@ export async function startRoost(opts = {}) {
     PDS_JWT_SECRET: randomHex(32),
     PDS_ADMIN_PASSWORD: randomHex(12),
     PDS_CRAWLERS: '',
-    // A fresh data directory per instance: no lexicon bundle download per start.
+    // A fresh data directory per instance: no lexicon bundle download per
+    // start. scripts/test installs the pinned bundle once and passes it in
+    // ROOST_LEXICON_BUNDLE, so records are validated as in production.
     PDS_LEXICON_AUTO_INSTALL: 'false',
+    ...(process.env.ROOST_LEXICON_BUNDLE ? { PDS_LEXICON_BUNDLE: process.env.ROOST_LEXICON_BUNDLE } : {}),
+    // Several instances run at once: no fixed metrics port (tests/ops.rs covers /metrics).
+    PDS_METRICS_LISTEN: '',
     RUST_LOG: 'info',
     ...opts.env,
   }
