@@ -557,7 +557,8 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     // A writer keeps committing while the backup runs.
     let history = Arc::new(Mutex::new(History::default()));
     let start_set: BTreeSet<String> = ["with-blobs".to_owned()].into();
-    history.lock().expect("history").commits.push((src.latest().await.0, start_set.clone()));
+    let first = src.latest().await.0;
+    history.lock().expect("history").commits.push((first, start_set.clone()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (xrpc, did, access, history, stop) =
@@ -629,7 +630,7 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     .await;
     assert_eq!(restored.did, src.did);
     let (root, _) = restored.latest().await;
-    let history = history.lock().expect("history");
+    let history = History { commits: history.lock().expect("history").commits.clone() };
     let index = history
         .commits
         .iter()
@@ -704,9 +705,12 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
 // ---------------------------------------------------------------------------
 // Traces
 
+/// What the collector received: (content type, body) per request.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A stand-in OTLP collector: records every POST to /v1/traces.
-async fn start_collector() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+async fn start_collector() -> (String, Received) {
+    let seen: Received = Arc::default();
     let state = seen.clone();
     let router = axum::Router::new().route(
         "/v1/traces",
