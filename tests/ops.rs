@@ -779,7 +779,7 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
     let mut server = Server::start(
         work.path(),
         &plc.url,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector), ("RUST_LOG", "info,roost::telemetry=debug".into())],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector), ("RUST_LOG", "warn,roost::telemetry=debug".into())],
     )
     .await;
     let x = server.xrpc();
