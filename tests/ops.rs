@@ -226,8 +226,23 @@ impl Metrics {
 #[tokio::test]
 async fn metrics_endpoint_serves_contract_names_and_counts_requests_and_commits() {
     let plc = MockPlc::start().await;
+    // A relay that accepts requestCrawl, asked once at start.
+    let relay_hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = relay_hits.clone();
+    let relay_router = axum::Router::new().route(
+        "/xrpc/com.atproto.sync.requestCrawl",
+        axum::routing::post(move || {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { axum::Json(json!({})) }
+        }),
+    );
+    let relay_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let relay = format!("http://127.0.0.1:{}", relay_listener.local_addr().expect("addr").port());
+    tokio::spawn(async move {
+        let _ = axum::serve(relay_listener, relay_router).await;
+    });
     let work = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(work.path(), &plc.url, &[]).await;
+    let server = Server::start(work.path(), &plc.url, &[("PDS_CRAWLERS", relay.clone())]).await;
     let x = server.xrpc();
     let before = server.scrape().await;
 
@@ -318,6 +333,23 @@ async fn metrics_endpoint_serves_contract_names_and_counts_requests_and_commits(
     ] {
         assert!(names.contains(name), "{name} missing");
     }
+
+    // The relay was asked at start; the success is timestamped per relay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let crawled = loop {
+        let m = server.scrape().await;
+        if m.find("roost_relay_last_crawl_success_timestamp_seconds", &[("relay", &relay)]).is_some() {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no crawl success recorded:\n{}", m.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(relay_hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let at = crawled.get("roost_relay_last_crawl_success_timestamp_seconds", &[("relay", &relay)]);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    assert!((now - at).abs() < 120.0, "crawl success at {at}, now {now}");
+    assert!(crawled.get("roost_relay_crawl_requests_total", &[("relay", &relay), ("result", "ok")]) >= 1.0);
 
     // The metrics listener serves nothing else, and the main port has no /metrics.
     let other = http_client()
@@ -557,7 +589,8 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     // A writer keeps committing while the backup runs.
     let history = Arc::new(Mutex::new(History::default()));
     let start_set: BTreeSet<String> = ["with-blobs".to_owned()].into();
-    history.lock().expect("history").commits.push((src.latest().await.0, start_set.clone()));
+    let first = src.latest().await.0;
+    history.lock().expect("history").commits.push((first, start_set.clone()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (xrpc, did, access, history, stop) =
@@ -629,7 +662,7 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     .await;
     assert_eq!(restored.did, src.did);
     let (root, _) = restored.latest().await;
-    let history = history.lock().expect("history");
+    let history = History { commits: history.lock().expect("history").commits.clone() };
     let index = history
         .commits
         .iter()
@@ -704,9 +737,12 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
 // ---------------------------------------------------------------------------
 // Traces
 
+/// What the collector received: (content type, body) per request.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A stand-in OTLP collector: records every POST to /v1/traces.
-async fn start_collector() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+async fn start_collector() -> (String, Received) {
+    let seen: Received = Arc::default();
     let state = seen.clone();
     let router = axum::Router::new().route(
         "/v1/traces",
@@ -743,7 +779,7 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
     let mut server = Server::start(
         work.path(),
         &plc.url,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector), ("RUST_LOG", "info,roost::telemetry=debug".into())],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector), ("RUST_LOG", "warn,roost::telemetry=debug".into())],
     )
     .await;
     let x = server.xrpc();

@@ -16,6 +16,7 @@ use opentelemetry_otlp::WithExportConfig as _;
 use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -59,10 +60,27 @@ pub fn init(otlp: bool) -> anyhow::Result<Telemetry> {
         Some(_) if otlp => Some(tracer_provider()?),
         _ => None,
     };
+    // Each layer has its own filter: quieting the logs with RUST_LOG=warn must not
+    // silently stop the (INFO-level) request spans from being exported. The
+    // exporter's own HTTP stack stays out of traces, which would otherwise feed
+    // themselves.
     let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer().with_tracer(p.tracer("roost")).with_tracked_inactivity(false)
+        let spans = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::INFO)
+            .with_target("sqlx", tracing::Level::WARN)
+            .with_target("opentelemetry", tracing::Level::WARN)
+            .with_target("opentelemetry_sdk", tracing::Level::WARN)
+            .with_target("opentelemetry_otlp", tracing::Level::WARN)
+            .with_target("reqwest", tracing::Level::WARN)
+            .with_target("hyper", tracing::Level::WARN)
+            .with_target("hyper_util", tracing::Level::WARN)
+            .with_target("h2", tracing::Level::WARN);
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("roost"))
+            .with_tracked_inactivity(false)
+            .with_filter(spans)
     });
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init()?;
     OTEL_ON.store(provider.is_some(), Ordering::Relaxed);
     if provider.is_some() {
         // Not the endpoint itself: a URL can carry credentials.
