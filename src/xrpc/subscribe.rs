@@ -55,7 +55,10 @@ pub async fn subscribe_repos(
     let slot = state
         .sequencer
         .admit(crate::ratelimit::client_ip(peer.ip(), &headers, state.config.trusted_proxies))
-        .ok_or_else(|| XrpcError::rate_limited("Too many firehose subscribers"))?;
+        .ok_or_else(|| {
+            metrics::counter!("roost_rate_limited_total", "limit" => "firehose").increment(1);
+            XrpcError::rate_limited("Too many firehose subscribers")
+        })?;
     Ok(ws
         .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_INCOMING_MESSAGE)
