@@ -21,10 +21,6 @@ COPY migrations ./migrations
 COPY benches ./benches
 RUN cargo build --release --locked --bin roost \
  && install -D -m 0755 target/release/roost /out/roost
-# The offline lexicons (app.bsky, chat.bsky, com.atproto, tools.ozone), from
-# the pinned npm package whose SHA-512 is compiled into roost: the image then
-# validates records without any network at run time.
-RUN /out/roost lexicons install --to /out/lexicons.json
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG ROOST_UID=10001
@@ -38,7 +34,11 @@ RUN set -eux; \
         --shell /usr/sbin/nologin roost; \
     install -d -m 0700 -o roost -g roost /pds /backups
 COPY --from=build /out/roost /usr/local/bin/roost
-COPY --from=build /out/lexicons.json /usr/share/roost/lexicons.json
+# The offline lexicons (app.bsky, chat.bsky, com.atproto, tools.ozone), from
+# the pinned npm package whose SHA-512 is compiled into roost: the image then
+# validates records without any network at run time. (Here, not in the build
+# stage: this stage has the CA certificates the download needs.)
+RUN roost lexicons install --to /usr/share/roost/lexicons.json
 LABEL org.opencontainers.image.title="Roost" \
       org.opencontainers.image.description="A small, self-hostable AT Protocol Personal Data Server" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0"

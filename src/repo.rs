@@ -271,6 +271,12 @@ impl RepoService {
     /// asks for, in one transaction: `#account`, and on activation also
     /// `#identity` and `#sync` (consumers may have dropped the repo meanwhile).
     pub async fn set_account_active(&self, did: &str, handle: &str, active: bool) -> Result<(), RepoError> {
+        self.set_account_status(did, handle, if active { "active" } else { "deactivated" }).await
+    }
+
+    /// Sets `active`, `deactivated` or `takendown`, with the events above.
+    pub async fn set_account_status(&self, did: &str, handle: &str, status: &str) -> Result<(), RepoError> {
+        let active = status == "active";
         let lock = self.lock_for(did);
         let _guard = lock.lock().await;
         let root = self.db.repo_root(did).await?.ok_or_else(|| RepoError::RepoNotFound(did.to_owned()))?;
@@ -280,7 +286,6 @@ impl RepoService {
             .await?
             .ok_or_else(|| RepoError::Internal(anyhow::anyhow!("commit block of {did} is missing")))?;
         let time = now_datetime();
-        let status = if active { "active" } else { "deactivated" };
         let _seq_guard = self.sequencer.write_lock().await;
         let mut tx = self.db.begin_write().await?;
         crate::db::accounts::set_status(&mut tx, did, status).await?;

@@ -85,6 +85,8 @@ impl Sequencer {
             return None;
         }
         *count += 1;
+        metrics::gauge!("roost_firehose_subscribers_by_remote", "remote" => ip.to_string())
+            .set(*count as f64);
         let n = self.subscribers.fetch_add(1, Ordering::SeqCst) + 1;
         metrics::gauge!("roost_firehose_subscribers").set(n as f64);
         Some(SubscriberSlot(self.clone(), ip))
@@ -105,6 +107,10 @@ impl Drop for SubscriberSlot {
         let mut per_ip = self.0.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = per_ip.get_mut(&self.1) {
             *count -= 1;
+            // Per remote (relays are few); label sets are bounded by the
+            // subscriber limits, and a departed remote reads 0.
+            metrics::gauge!("roost_firehose_subscribers_by_remote", "remote" => self.1.to_string())
+                .set(*count as f64);
             if *count == 0 {
                 per_ip.remove(&self.1);
             }

@@ -1086,6 +1086,49 @@ async fn account_lifecycle_events() {
         pds.post("com.atproto.identity.updateHandle", Some(&access), &json!({"handle": "no spaces"})).await;
     assert_eq!((status.as_u16(), body["error"].as_str()), (400, Some("InvalidHandle")), "{body}");
 
+    // An admin takedown: #account takendown, no login, no repo; lifting it
+    // emits what an activation does.
+    let admin = format!(
+        "Basic {}",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "admin:admin-pass")
+    );
+    let takedown = |applied: bool| json!({"subject": {"$type": "com.atproto.admin.defs#repoRef", "did": pds.did}, "takedown": {"applied": applied, "ref": "case-1"}});
+    let post_admin = |body: Value| {
+        let admin = admin.clone();
+        let pds = &pds;
+        async move {
+            pds.request(
+                reqwest::Method::POST,
+                "/xrpc/com.atproto.admin.updateSubjectStatus",
+                &[("authorization", admin.as_str()), ("content-type", "application/json")],
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+        }
+    };
+    let resp = post_admin(takedown(true)).await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    let f = frame(&mut ws).await;
+    assert_eq!(
+        (f.t(), flag(&f, "active"), text(&f, "status").as_deref()),
+        ("#account", Some(false), Some("takendown"))
+    );
+    let (status, body) = pds
+        .post(
+            "com.atproto.server.createSession",
+            None,
+            &json!({"identifier": "renamed.test", "password": pds.password}),
+        )
+        .await;
+    assert_eq!((status.as_u16(), body["error"].as_str()), (401, Some("AccountTakedown")), "{body}");
+    let (status, body) = pds.get("com.atproto.sync.getLatestCommit", &[("did", &pds.did)]).await;
+    assert_eq!(body["error"], "RepoTakendown", "{status} {body}");
+    let resp = post_admin(takedown(false)).await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.text());
+    let kinds: Vec<String> = frames(&mut ws, 3).await.iter().map(|f| f.t().to_owned()).collect();
+    assert_eq!(kinds, ["#identity", "#account", "#sync"]);
+    let (access, _) = pds.login_as("renamed.test", &pds.password).await;
+
     // Deletion needs the out-of-band token.
     let (status, _) = pds.post("com.atproto.server.requestAccountDelete", Some(&access), &json!(null)).await;
     assert_eq!(status, StatusCode::OK);

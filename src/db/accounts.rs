@@ -48,6 +48,10 @@ impl Db {
         insert_pending_account_in(&mut conn, row).await
     }
 
+    pub async fn end_sessions(&self, did: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM session WHERE did = ?").bind(did).execute(&self.pool).await.map(|_| ())
+    }
+
     pub async fn set_password_hash(&self, did: &str, hash: &str) -> Result<bool, sqlx::Error> {
         let mut tx = self.begin_write().await?;
         let n = sqlx::query("UPDATE account SET password_hash = ? WHERE did = ?")

@@ -263,3 +263,59 @@ pub async fn delete_account(
     }
     Ok(Json(json!({})))
 }
+
+#[derive(Deserialize)]
+pub struct SubjectStatusInput {
+    subject: Value,
+    takedown: Option<StatusAttr>,
+    deactivated: Option<StatusAttr>,
+}
+
+#[derive(Deserialize)]
+pub struct StatusAttr {
+    applied: bool,
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+}
+
+/// # `com.atproto.admin.updateSubjectStatus` (repo takedowns)
+///
+/// A taken-down account cannot log in, its repo is not served, and the
+/// firehose says `#account {active: false, status: "takendown"}`; lifting it
+/// emits `#identity`, `#account active` and `#sync` like an activation.
+pub async fn update_subject_status(
+    State(state): State<AppState>,
+    _admin: Admin,
+    XrpcJson(input): XrpcJson<SubjectStatusInput>,
+) -> XrpcResult<Json<Value>> {
+    let did = match input.subject.get("$type").and_then(Value::as_str) {
+        Some("com.atproto.admin.defs#repoRef") => input.subject.get("did").and_then(Value::as_str),
+        _ => None,
+    }
+    .ok_or_else(|| XrpcError::invalid_request("Only com.atproto.admin.defs#repoRef subjects are supported"))?
+    .to_owned();
+    let account = state
+        .db
+        .account_by_did(&did)
+        .await?
+        .ok_or_else(|| XrpcError::invalid_request("account not found"))?;
+    if input.deactivated.is_some() {
+        return Err(XrpcError::invalid_request("Use com.atproto.server.deactivateAccount as the account"));
+    }
+    let Some(takedown) = &input.takedown else {
+        return Err(XrpcError::invalid_request("takedown is required"));
+    };
+    let status = if takedown.applied { "takendown" } else { "active" };
+    if account.status != status {
+        state.repo.set_account_status(&did, &account.handle, status).await?;
+    }
+    if takedown.applied {
+        // Sessions end with the takedown (logins are refused while it lasts).
+        state.db.end_sessions(&did).await?;
+    }
+    let mut out = json!({ "subject": input.subject, "takedown": { "applied": takedown.applied } });
+    if let Some(r) = &takedown.reference {
+        out["takedown"]["ref"] = json!(r);
+    }
+    Ok(Json(out))
+}

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         ("com.atproto.admin.updateAccountPassword", post(admin::update_account_password)),
         ("com.atproto.admin.updateAccountHandle", post(admin::update_account_handle)),
         ("com.atproto.admin.deleteAccount", post(admin::delete_account)),
+        ("com.atproto.admin.updateSubjectStatus", post(admin::update_subject_status)),
         ("dev.roost.admin.createAccount", post(admin::create_account)),
     ];
     let known = crate::telemetry::metrics::known_methods(xrpc.iter().map(|(nsid, _)| *nsid));
