@@ -37,8 +37,17 @@ COPY --from=build /out/roost /usr/local/bin/roost
 # The offline lexicons (app.bsky, chat.bsky, com.atproto, tools.ozone), from
 # the pinned npm package whose SHA-512 is compiled into roost: the image then
 # validates records without any network at run time. (Here, not in the build
-# stage: this stage has the CA certificates the download needs.)
-RUN roost lexicons install --to /usr/share/roost/lexicons.json
+# stage: this stage has the CA certificates the download needs.) A tarball in
+# lexicon-cache/ is used instead of the registry (see lexicon-cache/README.md).
+COPY lexicon-cache/ /tmp/lexicon-cache/
+RUN set -eu; \
+    pkg=$(find /tmp/lexicon-cache -name '*.tgz' | head -n 1); \
+    if [ -n "$pkg" ]; then \
+        roost lexicons install --from "$pkg" --to /usr/share/roost/lexicons.json; \
+    else \
+        roost lexicons install --to /usr/share/roost/lexicons.json; \
+    fi; \
+    rm -rf /tmp/lexicon-cache
 LABEL org.opencontainers.image.title="Roost" \
       org.opencontainers.image.description="A small, self-hostable AT Protocol Personal Data Server" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0"
