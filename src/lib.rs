@@ -12,6 +12,7 @@ pub mod identity;
 pub mod lexicon;
 pub mod proxy;
 pub mod ratelimit;
+pub mod read_after_write;
 pub mod repo;
 pub mod sequencer;
 pub mod service_auth;
