@@ -536,6 +536,54 @@ impl Context<'_> {
         }
     }
 
+    /// The answer to `getPostThread` for a fresh post of the account that the
+    /// AppView does not know yet (it said `NotFound`): the post, its fresh
+    /// replies, and its fresh ancestors. Also returns the first ancestor that
+    /// is not fresh, whose thread (with its own parents) only the AppView can
+    /// give; see [`attach_ancestors`].
+    pub fn fresh_thread(
+        &self,
+        uri: &str,
+        fetched: &HashMap<String, Value>,
+    ) -> Option<(Value, Option<String>)> {
+        let post = self.local.post(uri)?;
+        let view = json!({
+            "$type": THREAD_VIEW_POST,
+            "post": self.viewer.post_view(post, self.local, fetched),
+        });
+        let mut body = json!({ "thread": view });
+        self.post_thread(&mut body, fetched).ok()?;
+        // Walk up through fresh parents; the chain ends at the first one the
+        // AppView must provide. Bounded: fresh posts are few, and a cycle
+        // cannot exist (a parent is older than its reply), but stay safe.
+        let mut parent = str_at(&post.value, &["reply", "parent", "uri"]).map(str::to_owned);
+        let mut chain = Vec::new();
+        while let Some(uri) = parent.take() {
+            let Some(fresh) = self.local.post(&uri).filter(|_| chain.len() < self.local.posts.len()) else {
+                parent = Some(uri);
+                break;
+            };
+            chain.push(json!({
+                "$type": THREAD_VIEW_POST,
+                "post": self.viewer.post_view(fresh, self.local, fetched),
+            }));
+            parent = str_at(&fresh.value, &["reply", "parent", "uri"]).map(str::to_owned);
+        }
+        // Nest the chain: the nearest parent under the thread, its parent under it…
+        let mut ancestors: Option<Value> = None;
+        for mut node in chain.into_iter().rev() {
+            if let Some(above) = ancestors.take() {
+                node["parent"] = above;
+            }
+            ancestors = Some(node);
+        }
+        if let Some(ancestors) = ancestors {
+            body["thread"]["parent"] = ancestors;
+        }
+        self.mark_thread_likes(&mut body["thread"]);
+        Some((body, parent))
+    }
+
     /// Fresh replies into a thread, under their parent when the parent is
     /// in it, newest first like the reference PDS.
     fn post_thread(&self, body: &mut Value, fetched: &HashMap<String, Value>) -> Result<(), UnexpectedShape> {
@@ -578,6 +626,19 @@ impl Context<'_> {
                 self.mark_thread_likes(reply);
             }
         }
+    }
+}
+
+/// Hangs `ancestors` (the AppView's `thread` for the first ancestor that is
+/// not fresh) above the topmost post of a [`Context::fresh_thread`] body.
+pub fn attach_ancestors(body: &mut Value, ancestors: Value) {
+    let Some(mut node) = body.get_mut("thread") else { return };
+    while node.get("parent").is_some() {
+        let Some(next) = node.get_mut("parent") else { return };
+        node = next;
+    }
+    if let Some(node) = node.as_object_mut() {
+        node.insert("parent".into(), ancestors);
     }
 }
 
@@ -974,6 +1035,41 @@ mod tests {
         let not_found =
             json!({"thread": {"$type": "app.bsky.feed.defs#notFoundPost", "uri": root, "notFound": true}});
         assert_eq!(check(Method::PostThread, not_found.clone(), &local, &[], &[]), not_found);
+    }
+
+    #[test]
+    fn a_fresh_post_the_appview_cannot_find_gets_a_local_thread() {
+        let root = "at://did:plc:bob/app.bsky.feed.post/root";
+        let local = local_with(
+            &[
+                ("a", 1, reply_post("to bob", root, root)),
+                ("b", 2, reply_post("to myself", root, &post_uri("a"))),
+                ("c", 3, reply_post("under b", root, &post_uri("b"))),
+            ],
+            &[],
+            None,
+        );
+        let viewer = viewer(None);
+        let cx = Context { viewer: &viewer, local: &local, params: &[] };
+        let none = HashMap::new();
+        let (mut body, ancestor) = cx.fresh_thread(&post_uri("b"), &none).expect("fresh");
+        let thread = &body["thread"];
+        assert_eq!(thread["$type"], THREAD_VIEW_POST);
+        assert_eq!(thread["post"]["uri"], post_uri("b"));
+        assert_eq!(thread["replies"][0]["post"]["uri"], post_uri("c"), "fresh replies below");
+        assert_eq!(thread["parent"]["post"]["uri"], post_uri("a"), "fresh parents above");
+        assert!(thread["parent"].get("parent").is_none());
+        assert_eq!(ancestor.as_deref(), Some(root), "the rest is the AppView's");
+        let above = json!({"$type": THREAD_VIEW_POST, "post": upstream_post(root, OTHER, "2023-01-01T00:00:00.000Z")});
+        attach_ancestors(&mut body, above.clone());
+        assert_eq!(body["thread"]["parent"]["parent"], above);
+        // A top-level post has nothing above it; someone else's post is not ours to build.
+        let local = local_with(&[("t", 1, text_post("top"))], &[], None);
+        let cx = Context { viewer: &viewer, local: &local, params: &[] };
+        let (body, ancestor) = cx.fresh_thread(&post_uri("t"), &none).expect("fresh");
+        assert!(body["thread"].get("parent").is_none());
+        assert_eq!(ancestor, None);
+        assert!(cx.fresh_thread(root, &none).is_none());
     }
 
     #[test]

@@ -148,6 +148,26 @@ async fn forward_inner(
         }
     }
     if status.as_u16() >= 400 {
+        // A thread the AppView cannot find may be the account's fresh post.
+        if read_after_write == Some(raw::Method::PostThread)
+            && status == StatusCode::BAD_REQUEST
+            && let Some(upstream_rev) = stale_rev(state, &auth.did, &response).await.map_err(fail)?
+        {
+            let body = crate::proxy::read_capped(response, MAX_ERROR_BODY).await;
+            let error = upstream_error_from(status, body.as_deref());
+            if error.error == "NotFound" {
+                let rewrite = Rewrite {
+                    target: &target,
+                    did: &auth.did,
+                    method: raw::Method::PostThread,
+                    uri: &parts.uri,
+                };
+                if let Some(out) = fresh_thread(state, rewrite, &upstream_rev, headers).await.map_err(fail)? {
+                    return Ok((upstream, out));
+                }
+            }
+            return Err(fail(error));
+        }
         return Err(fail(upstream_error(status, response).await));
     }
     let cap = state.config.proxy.max_response_bytes;
@@ -247,6 +267,35 @@ async fn splice_local_writes(
     let Ok(mut value) = serde_json::from_slice::<Value>(&body) else {
         return Ok(send(headers, body));
     };
+    let Some((local, viewer)) = load_local(state, did, upstream_rev).await? else {
+        return Ok(send(headers, body));
+    };
+    let params = query_params(uri)?;
+    let cx = raw::Context { viewer: &viewer, local: &local, params: &params };
+    let wanted = cx.posts_to_fetch(method);
+    let fetched =
+        if wanted.is_empty() { HashMap::new() } else { fetch_posts(state, target, did, &wanted).await };
+    let original = value.clone();
+    if let Err(e) = cx.apply(method, &mut value, &fetched) {
+        tracing::debug!(upstream = %target.aud, error = %e, "read-after-write skipped");
+        return Ok(send(headers, body));
+    }
+    lag_header(&mut headers, &local);
+    if value == original {
+        return Ok(send(headers, body));
+    }
+    let body = serde_json::to_vec(&value).map_err(|e| XrpcError::internal(anyhow::Error::from(e)))?;
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    Ok(send(headers, body))
+}
+
+/// The account's records written since `upstream_rev` (see
+/// `crate::read_after_write`), and who they are shown as.
+async fn load_local(
+    state: &AppState,
+    did: &str,
+    upstream_rev: &str,
+) -> Result<Option<(LocalRecords, Viewer)>, XrpcError> {
     let mut local = LocalRecords::default();
     for row in state.db.records_since_rev(did, upstream_rev, raw::MAX_LOCAL_RECORDS).await? {
         match decode_record(&row.data) {
@@ -255,7 +304,7 @@ async fn splice_local_writes(
         }
     }
     if local.is_empty() {
-        return Ok(send(headers, body));
+        return Ok(None);
     }
     let account = state
         .db
@@ -272,28 +321,62 @@ async fn splice_local_writes(
         public_url: state.config.public_url(),
         profile,
     };
-    let params: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or_default())
-        .map_err(|_| XrpcError::invalid_request("Malformed query string"))?;
-    let cx = raw::Context { viewer: &viewer, local: &local, params: &params };
-    let wanted = cx.posts_to_fetch(method);
-    let fetched =
-        if wanted.is_empty() { HashMap::new() } else { fetch_posts(state, target, did, &wanted).await };
-    let original = value.clone();
-    if let Err(e) = cx.apply(method, &mut value, &fetched) {
-        tracing::debug!(upstream = %target.aud, error = %e, "read-after-write skipped");
-        return Ok(send(headers, body));
-    }
+    Ok(Some((local, viewer)))
+}
+
+fn query_params(uri: &axum::http::Uri) -> Result<Vec<(String, String)>, XrpcError> {
+    serde_urlencoded::from_str(uri.query().unwrap_or_default())
+        .map_err(|_| XrpcError::invalid_request("Malformed query string"))
+}
+
+fn lag_header(headers: &mut HeaderMap, local: &LocalRecords) {
     let now_micros =
         u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(0);
     if let Some(lag) = local.lag_ms(now_micros) {
         headers.insert(UPSTREAM_LAG, HeaderValue::from(lag));
     }
-    if value == original {
-        return Ok(send(headers, body));
+}
+
+/// `getPostThread` of the account's fresh post, which the AppView answered
+/// `NotFound` (the reference PDS does the same): built locally, under the
+/// ancestors the AppView knows. `None` when it is no fresh post of the account.
+async fn fresh_thread(
+    state: &AppState,
+    rewrite: Rewrite<'_>,
+    upstream_rev: &str,
+    mut headers: HeaderMap,
+) -> Result<Option<Response>, XrpcError> {
+    let Rewrite { target, did, uri, .. } = rewrite;
+    let params = query_params(uri)?;
+    let Some(post_uri) = params.iter().find(|(k, _)| k == "uri").map(|(_, v)| v.clone()) else {
+        return Ok(None);
+    };
+    if !post_uri.starts_with(&format!("at://{did}/")) {
+        return Ok(None);
     }
-    let body = serde_json::to_vec(&value).map_err(|e| XrpcError::internal(anyhow::Error::from(e)))?;
+    let Some((local, viewer)) = load_local(state, did, upstream_rev).await? else { return Ok(None) };
+    let cx = raw::Context { viewer: &viewer, local: &local, params: &params };
+    let wanted = cx.posts_to_fetch(raw::Method::PostThread);
+    let fetched =
+        if wanted.is_empty() { HashMap::new() } else { fetch_posts(state, target, did, &wanted).await };
+    let Some((mut body, ancestor)) = cx.fresh_thread(&post_uri, &fetched) else { return Ok(None) };
+    if let Some(ancestor) = ancestor {
+        let mut query = vec![("uri", ancestor.as_str()), ("depth", "0")];
+        if let Some((_, height)) = params.iter().find(|(k, _)| k == "parentHeight") {
+            query.push(("parentHeight", height.as_str()));
+        }
+        let thread = fetch_json(state, target, did, "app.bsky.feed.getPostThread", &query).await;
+        if let Some(thread) = thread.and_then(|mut t| t.get_mut("thread").map(Value::take)) {
+            raw::attach_ancestors(&mut body, thread);
+        }
+    }
+    lag_header(&mut headers, &local);
+    let body = serde_json::to_vec(&body).map_err(|e| XrpcError::internal(anyhow::Error::from(e)))?;
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
-    Ok(send(headers, body))
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut out = Response::new(Body::from(body));
+    *out.headers_mut() = headers;
+    Ok(Some(out))
 }
 
 fn decode_record(bytes: &[u8]) -> anyhow::Result<Value> {
@@ -322,43 +405,51 @@ async fn fetch_posts(
     did: &str,
     uris: &[String],
 ) -> HashMap<String, Value> {
-    const NSID: &str = "app.bsky.feed.getPosts";
-    let query = serde_urlencoded::to_string(uris.iter().map(|u| ("uris", u)).collect::<Vec<_>>());
-    let url = query.ok().map(|q| format!("{}/xrpc/{NSID}?{q}", target.url.trim_end_matches('/')));
-    let Some(url) =
-        url.and_then(|u| crate::proxy::check_url(&u, &state.config.proxy, state.config.dev_mode).ok())
-    else {
-        return HashMap::new();
-    };
-    let key = match state.keys.repo_key(did) {
-        Ok(key) => key,
-        Err(e) => {
-            tracing::warn!(did, error = %e, "no repo key for getPosts");
-            return HashMap::new();
-        }
-    };
-    let token = crate::service_auth::mint(&key, did, &target.aud, Some(NSID), None);
-    let request = state.outbound.get(url).bearer_auth(token).header(header::ACCEPT_ENCODING, "identity");
-    let response = match request.send().await {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
-            tracing::debug!(upstream = %target.aud, status = %r.status(), "getPosts for read-after-write failed");
-            return HashMap::new();
-        }
-        Err(e) => {
-            tracing::debug!(upstream = %target.aud, error = %e, "getPosts for read-after-write failed");
-            return HashMap::new();
-        }
-    };
-    let cap = usize::try_from(state.config.proxy.max_response_bytes).unwrap_or(usize::MAX);
-    let body = crate::proxy::read_capped(response, cap).await;
-    let parsed: Option<Value> = body.and_then(|b| serde_json::from_slice(&b).ok());
-    let posts = parsed.as_ref().and_then(|v| v.get("posts")?.as_array());
+    let query: Vec<(&str, &str)> = uris.iter().map(|u| ("uris", u.as_str())).collect();
+    let body = fetch_json(state, target, did, "app.bsky.feed.getPosts", &query).await;
+    let posts = body.as_ref().and_then(|v| v.get("posts")?.as_array());
     posts
         .into_iter()
         .flatten()
         .filter_map(|p| Some((p.get("uri")?.as_str()?.to_owned(), p.clone())))
         .collect()
+}
+
+/// A query to the upstream as the account, for the read-after-write views.
+/// Best effort: `None` on any failure, which is logged.
+async fn fetch_json(
+    state: &AppState,
+    target: &Target,
+    did: &str,
+    nsid: &'static str,
+    query: &[(&str, &str)],
+) -> Option<Value> {
+    let query = serde_urlencoded::to_string(query).ok()?;
+    let url = format!("{}/xrpc/{nsid}?{query}", target.url.trim_end_matches('/'));
+    let url = crate::proxy::check_url(&url, &state.config.proxy, state.config.dev_mode).ok()?;
+    let key = match state.keys.repo_key(did) {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::warn!(did, error = %e, "no repo key for a read-after-write query");
+            return None;
+        }
+    };
+    let token = crate::service_auth::mint(&key, did, &target.aud, Some(nsid), None);
+    let request = state.outbound.get(url).bearer_auth(token).header(header::ACCEPT_ENCODING, "identity");
+    let response = match request.send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            tracing::debug!(upstream = %target.aud, nsid, status = %r.status(), "read-after-write query failed");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(upstream = %target.aud, nsid, error = %e, "read-after-write query failed");
+            return None;
+        }
+    };
+    let cap = usize::try_from(state.config.proxy.max_response_bytes).unwrap_or(usize::MAX);
+    let body = crate::proxy::read_capped(response, cap).await?;
+    serde_json::from_slice(&body).ok()
 }
 
 fn upstream_url(
@@ -389,7 +480,12 @@ async fn upstream_error(status: StatusCode, response: reqwest::Response) -> Xrpc
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("json"));
     let body = if is_json { crate::proxy::read_capped(response, MAX_ERROR_BODY).await } else { None };
-    let parsed: Option<serde_json::Value> = body.and_then(|b| serde_json::from_slice(&b).ok());
+    upstream_error_from(status, body.as_deref())
+}
+
+/// [`upstream_error`] from a body already read (`None`: none, or not JSON).
+fn upstream_error_from(status: StatusCode, body: Option<&[u8]>) -> XrpcError {
+    let parsed: Option<serde_json::Value> = body.and_then(|b| serde_json::from_slice(b).ok());
     let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)?.as_str().map(str::to_owned));
     let (status, default_name) = if status == StatusCode::INTERNAL_SERVER_ERROR {
         (StatusCode::BAD_GATEWAY, "UpstreamFailure")
