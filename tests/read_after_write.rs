@@ -135,6 +135,17 @@ async fn respond(State(av): State<AppView>, request: Request) -> Response {
         let body = canned(nsid, &did).unwrap_or_default();
         return ([("content-type", "application/json")], body).into_response();
     }
+    if nsid == "app.bsky.feed.getPostThread"
+        && query.contains(&format!("uri=at%3A%2F%2F{}", did.replace(':', "%3A")))
+    {
+        // The account's own posts are all too fresh for this AppView.
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            [("content-type", "application/json"), ("atproto-repo-rev", rev.as_str())],
+            r#"{"error":"NotFound","message":"Post not found"}"#,
+        )
+            .into_response();
+    }
     if nsid == "app.bsky.feed.getPosts" {
         let uris: Vec<String> = form_urlencoded::parse(query.as_bytes())
             .filter(|(k, _)| k == "uris")
@@ -345,6 +356,17 @@ async fn fresh_writes_show_before_the_appview_indexes_them() {
     assert_eq!(replies[0]["post"]["record"]["text"], "a reply");
     assert_eq!(replies[1]["post"]["uri"], bob_post("other-reply").as_str());
 
+    // The fresh reply itself, which the AppView cannot find: a local thread
+    // under the AppView's thread of its parent.
+    let answer = get(&pds, &access, "app.bsky.feed.getPostThread", &[("uri", &reply_uri)]).await;
+    assert!(answer.lag().is_some());
+    let body = answer.json();
+    assert_eq!(body["thread"]["post"]["uri"], reply_uri.as_str());
+    assert_eq!(body["thread"]["post"]["author"]["displayName"], "Alice Fresh");
+    assert_eq!(body["thread"]["parent"]["post"]["uri"], bob_post("root").as_str());
+    let ancestor_query = &av.seen("app.bsky.feed.getPostThread").last().expect("seen").path_and_query;
+    assert!(ancestor_query.contains("depth=0"), "{ancestor_query}");
+
     // Likes: the liked post (fetched from the AppView as the account) on top, marked liked.
     let body = get(&pds, &access, "app.bsky.feed.getActorLikes", &[("actor", &did)]).await.json();
     assert_eq!(feed_uris(&body), vec![bob_post("liked"), bob_post("liked-before")]);
@@ -377,6 +399,16 @@ async fn fresh_writes_show_before_the_appview_indexes_them() {
     // Once the AppView has caught up, everything is its own again, byte for byte.
     let (_, latest) = pds.latest().await;
     av.set_rev(&latest);
+    let url = format!("{}/xrpc/app.bsky.feed.getPostThread", pds.base_url);
+    let response = http_client()
+        .get(url)
+        .query(&[("uri", &reply_uri)])
+        .bearer_auth(&access)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 400, "NotFound passes through when the AppView is current");
+    assert_eq!(response.json::<Value>().await.expect("json")["error"], "NotFound");
     for (nsid, query) in calls(&did) {
         let answer = get_owned(&pds, &access, nsid, &query).await;
         assert_eq!(answer.status, 200);
