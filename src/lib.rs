@@ -18,6 +18,7 @@ pub mod lexicon_net;
 pub mod lexicon_store;
 pub mod proxy;
 pub mod ratelimit;
+pub mod read_after_write;
 pub mod repo;
 pub mod sequencer;
 pub mod service_auth;

@@ -11,6 +11,7 @@
 pub mod account_features;
 pub mod accounts;
 pub mod blobs;
+pub mod read_after_write;
 pub mod repo;
 pub mod seq;
 pub mod sessions;
