@@ -30,6 +30,8 @@ const APPVIEW_DID = 'did:web:appview.test'
  */
 async function startAppView(idResolver) {
   const seen = []
+  // The rev the stand-in claims to have indexed up to (set by the tests).
+  const state = { staleRev: '2222222222222' }
   const server = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://x')
     const nsid = url.pathname.replace('/xrpc/', '')
@@ -46,6 +48,29 @@ async function startAppView(idResolver) {
       res.end(JSON.stringify({ error: 'AuthenticationRequired', message: err.message }))
       return
     }
+    // An AppView that has indexed nothing of this account yet (rev far behind).
+    const stale = { 'content-type': 'application/json; charset=utf-8', 'atproto-repo-rev': state.staleRev }
+    if (nsid === 'app.bsky.actor.getProfile') {
+      const actor = url.searchParams.get('actor')
+      res.writeHead(200, stale)
+      res.end(JSON.stringify({ did: actor, handle: 'stale.test', displayName: 'Old name', followersCount: 3 }))
+      return
+    }
+    if (nsid === 'app.bsky.feed.getPostThread') {
+      res.writeHead(400, { 'content-type': 'application/json', 'atproto-repo-rev': state.staleRev })
+      res.end(JSON.stringify({ error: 'NotFound', message: 'Post not found' }))
+      return
+    }
+    if (nsid === 'app.bsky.feed.getAuthorFeed') {
+      res.writeHead(200, stale)
+      res.end(JSON.stringify({ feed: [] }))
+      return
+    }
+    if (nsid === 'app.bsky.feed.getTimeline' && url.searchParams.get('algorithm') === 'stale') {
+      res.writeHead(200, stale)
+      res.end(JSON.stringify({ feed: [] }))
+      return
+    }
     if (nsid === 'app.bsky.feed.getTimeline') {
       res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'atproto-repo-rev': '3kaaaaaaaaaaa' })
       res.end(JSON.stringify({ feed: [], cursor: 'next' }))
@@ -56,7 +81,7 @@ async function startAppView(idResolver) {
   })
   const port = await freePort()
   await new Promise((resolve) => server.listen(port, '127.0.0.1', resolve))
-  return { url: `http://127.0.0.1:${port}`, seen, stop: () => new Promise((r) => { server.close(r); server.closeAllConnections() }) }
+  return { url: `http://127.0.0.1:${port}`, seen, state, stop: () => new Promise((r) => { server.close(r); server.closeAllConnections() }) }
 }
 
 /**
@@ -151,7 +176,7 @@ describe('account features with the official clients', () => {
     assert.equal(call.query, '?limit=7')
     assert.equal(call.headers['accept-language'], 'de')
     // Upstream errors keep their name.
-    await assert.rejects(agent.app.bsky.feed.getAuthorFeed({ actor: agent.session.did }), (err) => {
+    await assert.rejects(agent.app.bsky.feed.getSuggestedFeeds({}), (err) => {
       assert.equal(err.error, 'MethodNotImplemented')
       return true
     })
@@ -289,6 +314,32 @@ describe('account features with the official clients', () => {
       /invite code/i,
       'a one-use code is spent',
     )
+  })
+
+  it('shows a fresh post and profile edit at once (read-after-write), through the official client', async () => {
+    const agent = await login()
+    const did = agent.session.did
+    // The AppView has indexed everything up to now (one older post), and
+    // nothing after. (With no indexed record at all Roost splices nothing,
+    // like the reference: the rev may predate a migrated-in repository.)
+    await agent.post({ text: 'an older post the AppView knows' })
+    appview.state.staleRev = (await agent.com.atproto.sync.getLatestCommit({ did })).data.rev
+    await agent.upsertProfile((p) => ({ ...p, displayName: 'Fresh name' }))
+    const { uri } = await agent.post({ text: 'the AppView has not seen this yet' })
+    const { data: tl, headers } = await agent.app.bsky.feed.getTimeline({ algorithm: 'stale' })
+    const mine = tl.feed.find((item) => item.post.uri === uri)
+    assert.ok(mine, `the new post is spliced into the timeline: ${JSON.stringify(tl)}`)
+    assert.equal(mine.post.record.text, 'the AppView has not seen this yet')
+    assert.equal(mine.post.author.did, did)
+    assert.equal(mine.post.author.displayName, 'Fresh name')
+    assert.ok(Number(headers['atproto-upstream-lag']) >= 0, 'Atproto-Upstream-Lag is set')
+    const { data: profile } = await agent.getProfile({ actor: did })
+    assert.equal(profile.displayName, 'Fresh name', 'the local profile record wins over the stale view')
+    assert.equal(profile.followersCount, 3, 'the AppView fields stay')
+    const { data: thread } = await agent.getPostThread({ uri })
+    assert.equal(thread.thread.post.uri, uri, 'the thread of a post the AppView does not know is built locally')
+    const { data: feed } = await agent.getAuthorFeed({ actor: did })
+    assert.ok(feed.feed.some((item) => item.post.uri === uri))
   })
 
   it('deactivates and reactivates the account', async () => {
