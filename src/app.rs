@@ -219,10 +219,13 @@ impl App {
 }
 
 /// Finishes queued large-blob deletions (also those a crash left behind) and
-/// deletes uploads no record adopted within the TTL, every ten minutes.
+/// deletes uploads no record adopted within the TTL, every [`sweep_interval`].
 async fn sweep_blobs(state: AppState) {
     let ttl = state.config.blobstore.unused_ttl_seconds as i64;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+    let mut tick = tokio::time::interval(sweep_interval(state.config.blobstore.unused_ttl_seconds));
+    // With a short interval a slow sweep (many S3 deletions) could overrun
+    // it; catching up with back-to-back sweeps would only repeat empty work.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         match state.db.sweep_unused_blobs(crate::db::now_unix() - ttl).await {
@@ -234,6 +237,17 @@ async fn sweep_blobs(state: AppState) {
             tracing::warn!(error = %e, "deleting released blobs failed");
         }
     }
+}
+
+/// How often the unused-blob sweep runs: half the TTL, so an unused upload
+/// goes about 1.5 × TTL after it was made at the latest (a fixed ten minutes
+/// kept a TTL of seconds waiting up to ten minutes); never less often than
+/// every ten minutes, the former fixed interval, which the default TTL (an
+/// hour) keeps; and at most every second, so a TTL of 0 does not make the
+/// sweep spin on the database.
+fn sweep_interval(unused_ttl_seconds: u64) -> std::time::Duration {
+    use std::time::Duration;
+    (Duration::from_secs(unused_ttl_seconds) / 2).clamp(Duration::from_secs(1), Duration::from_secs(600))
 }
 
 /// The start-up catalog (the installed bundle, then `PDS_LEXICON_DIRECTORY`,
@@ -367,4 +381,20 @@ async fn ensure_configured_account(state: &AppState) -> anyhow::Result<()> {
         crate::accounts::finish_pending(state, &account).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_sweep_interval_follows_the_unused_blob_ttl() {
+        // The default TTL keeps the former ten minutes.
+        assert_eq!(super::sweep_interval(3600), Duration::from_secs(600));
+        assert_eq!(super::sweep_interval(86_400), Duration::from_secs(600));
+        assert_eq!(super::sweep_interval(60), Duration::from_secs(30));
+        assert_eq!(super::sweep_interval(3), Duration::from_millis(1500));
+        assert_eq!(super::sweep_interval(2), Duration::from_secs(1));
+        assert_eq!(super::sweep_interval(0), Duration::from_secs(1));
+    }
 }

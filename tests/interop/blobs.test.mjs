@@ -320,3 +320,150 @@ describe('roost blobs with the official @atproto clients', () => {
     assert.deepEqual(data.cids, [avatar.cid])
   })
 })
+
+// A second roost with a two-second unused-blob TTL: what replacing an avatar
+// leaves behind, and the sweep of uploads no record ever used. Its own
+// instance, because the TTL would sweep the first describe's unreferenced
+// uploads in the middle of its tests.
+describe('roost blob lifetimes with a short unused TTL (@atproto/api)', () => {
+  const it = (name, fn) => test(name, { skip, timeout: TEST_TIMEOUT_MS }, fn)
+  const TTL_SECONDS = 2
+
+  let plcDir
+  let roost
+  let agent
+  let anon
+  let did
+  // Over the 64 KiB SQLite tier, so the disk store is checked too.
+  const oldAvatar = { width: 200, height: 150 }
+  const newAvatar = { width: 64, height: 64 }
+
+  /** A PNG of random pixels (incompressible). */
+  function noisePng(width, height) {
+    const noise = randomBytes(width * height * 3)
+    return makePng(width, height, (x, y) => {
+      const i = (y * width + x) * 3
+      return [noise[i], noise[i + 1], noise[i + 2]]
+    })
+  }
+
+  async function assertServed(img) {
+    const res = await anon.com.atproto.sync.getBlob({ did, cid: img.cid })
+    assert.ok(Buffer.from(res.data).equals(Buffer.from(img.bytes)), `bytes of ${img.cid} differ`)
+  }
+
+  async function upload(img) {
+    const res = await agent.uploadBlob(img.bytes, { encoding: 'image/png' })
+    img.blob = res.data.blob
+    img.cid = rawCid(img.bytes)
+    assert.equal(img.blob.ref.toString(), img.cid)
+  }
+
+  before(async () => {
+    if (skip) return
+    plcDir = await startPlc()
+    roost = await startRoost({
+      plcUrl: plcDir.url,
+      env: { PDS_BLOB_UNUSED_TTL_SECONDS: String(TTL_SECONDS) },
+    })
+    agent = new AtpAgent({ service: roost.url })
+    await agent.login({ identifier: roost.handle, password: roost.password })
+    anon = new AtpAgent({ service: roost.url })
+    did = agent.session.did
+  }, { timeout: 60_000 })
+
+  after(async () => {
+    await roost?.cleanup()
+    await plcDir?.stop()
+  })
+
+  it('a replaced avatar is deleted; the new one is served and listed', async () => {
+    oldAvatar.bytes = noisePng(oldAvatar.width, oldAvatar.height)
+    assert.ok(oldAvatar.bytes.length > 64 * 1024, `old avatar is ${oldAvatar.bytes.length} bytes`)
+    newAvatar.bytes = makePng(newAvatar.width, newAvatar.height, (x, y) => [x * 4, 255 - y * 4, 77])
+
+    await upload(oldAvatar)
+    await agent.upsertProfile((existing) => ({ ...(existing ?? {}), displayName: 'Alice', avatar: oldAvatar.blob }))
+    await assertServed(oldAvatar)
+    const blobDir = path.join(roost.dataDir, 'blobs')
+    assert.ok(
+      (await filesUnder(blobDir)).some((f) => f.includes(oldAvatar.cid)),
+      'the old avatar is a file in the disk store',
+    )
+    assert.deepEqual((await anon.com.atproto.sync.listBlobs({ did })).data.cids, [oldAvatar.cid])
+
+    // Referenced, it outlives the TTL and the sweeps that run meanwhile
+    // (every TTL/2 = 1 s).
+    await sleep((TTL_SECONDS + 2) * 1000)
+    await assertServed(oldAvatar)
+
+    // Edit the profile to a new avatar, the way an app does.
+    await upload(newAvatar)
+    await agent.upsertProfile((existing) => ({ ...existing, displayName: 'Alice again', avatar: newAvatar.blob }))
+    const { data: profile } = await agent.com.atproto.repo.getRecord({
+      repo: did,
+      collection: 'app.bsky.actor.profile',
+      rkey: 'self',
+    })
+    assert.equal(profile.value.avatar.ref.toString(), newAvatar.cid)
+    assert.equal(profile.value.displayName, 'Alice again')
+
+    await assertXrpcError(anon.com.atproto.sync.getBlob({ did, cid: oldAvatar.cid }), 'BlobNotFound', 400)
+    await assertServed(newAvatar)
+    assert.deepEqual((await anon.com.atproto.sync.listBlobs({ did })).data.cids, [newAvatar.cid])
+    // Its file goes from the disk store right after the commit.
+    const deadline = Date.now() + 3000
+    while ((await filesUnder(blobDir)).some((f) => f.includes(oldAvatar.cid))) {
+      assert.ok(Date.now() < deadline, 'the replaced avatar is still on disk')
+      await sleep(50)
+    }
+    // A record can no longer reference the old avatar.
+    await assertXrpcError(
+      agent.upsertProfile((existing) => ({ ...existing, avatar: oldAvatar.blob })),
+      'BlobNotFound',
+      400,
+    )
+  })
+
+  it('an upload no record uses is swept within seconds of the TTL', async () => {
+    const unused = [
+      { bytes: noisePng(200, 150) }, // disk store
+      { bytes: makePng(8, 8, (x, y) => [x * 30, y * 30, 1]) }, // SQLite
+    ]
+    // Taken before the uploads: the deadline counts them, and no blob is older than this.
+    const uploaded = Date.now()
+    for (const img of unused) await upload(img)
+    for (const img of unused) await assertServed(img)
+    const blobDir = path.join(roost.dataDir, 'blobs')
+    assert.ok((await filesUnder(blobDir)).some((f) => f.includes(unused[0].cid)), 'the large upload is on disk')
+
+    // Gone once older than the TTL (whole seconds) and a sweep ran: about
+    // 3–4 s. The deadline leaves room for a loaded machine; with the former
+    // fixed ten-minute sweep this fails.
+    const deadline = uploaded + 15_000
+    for (const img of unused) {
+      for (;;) {
+        try {
+          await anon.com.atproto.sync.getBlob({ did, cid: img.cid })
+        } catch (err) {
+          assert.equal(err.error, 'BlobNotFound', `unexpected ${err.status} ${err.error}: ${err.message}`)
+          assert.equal(err.status, 400)
+          break
+        }
+        assert.ok(Date.now() < deadline, `unused blob ${img.cid} still served 15 s after upload`)
+        await sleep(200)
+      }
+      img.goneAfter = Date.now() - uploaded
+    }
+    // Not before the TTL: the sweep deletes only uploads older than it.
+    assert.ok(unused[0].goneAfter >= (TTL_SECONDS - 0.5) * 1000, `swept after ${unused[0].goneAfter} ms`)
+    const fileDeadline = Date.now() + 3000
+    while ((await filesUnder(blobDir)).some((f) => f.includes(unused[0].cid))) {
+      assert.ok(Date.now() < fileDeadline, 'the swept upload is still on disk')
+      await sleep(50)
+    }
+    // The sweep that took them left the avatar a record references.
+    await assertServed(newAvatar)
+    assert.deepEqual((await anon.com.atproto.sync.listBlobs({ did })).data.cids, [newAvatar.cid])
+  })
+})
