@@ -174,6 +174,13 @@ impl App {
             let _ = stop.shutdown.send(true);
             let _ = signalled_tx.send(());
         };
+        // No Nagle: a response's last small segment must not wait ~40 ms for
+        // the client's delayed ACK (seen on 1 MB blob downloads).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        });
         let server = std::future::IntoFuture::into_future(
             axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
                 .with_graceful_shutdown(shutdown),
