@@ -85,7 +85,7 @@ impl Sequencer {
             return None;
         }
         *count += 1;
-        metrics::gauge!("roost_firehose_subscribers_by_remote", "remote" => ip.to_string())
+        metrics::gauge!(crate::telemetry::metrics::FIREHOSE_SUBSCRIBERS_BY_REMOTE, "remote" => ip.to_string())
             .set(*count as f64);
         let n = self.subscribers.fetch_add(1, Ordering::SeqCst) + 1;
         metrics::gauge!("roost_firehose_subscribers").set(n as f64);
@@ -109,7 +109,7 @@ impl Drop for SubscriberSlot {
             *count -= 1;
             // Per remote (relays are few); label sets are bounded by the
             // subscriber limits, and a departed remote reads 0.
-            metrics::gauge!("roost_firehose_subscribers_by_remote", "remote" => self.1.to_string())
+            metrics::gauge!(crate::telemetry::metrics::FIREHOSE_SUBSCRIBERS_BY_REMOTE, "remote" => self.1.to_string())
                 .set(*count as f64);
             if *count == 0 {
                 per_ip.remove(&self.1);

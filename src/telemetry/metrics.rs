@@ -34,6 +34,7 @@ pub const REPO_BLOCKS_WRITTEN: &str = "roost_repo_blocks_written_total";
 pub const BLOBS: &str = "roost_blobs";
 pub const BLOB_BYTES: &str = "roost_blob_bytes";
 pub const FIREHOSE_SUBSCRIBERS: &str = "roost_firehose_subscribers";
+pub const FIREHOSE_SUBSCRIBERS_BY_REMOTE: &str = "roost_firehose_subscribers_by_remote";
 pub const FIREHOSE_EVENTS: &str = "roost_firehose_events_total";
 pub const FIREHOSE_FRAMES_SENT: &str = "roost_firehose_frames_sent_total";
 pub const FIREHOSE_BYTES_SENT: &str = "roost_firehose_bytes_sent_total";
@@ -89,6 +90,7 @@ fn describe_all() {
     describe_gauge!(BLOBS, "Stored blobs per tier.");
     describe_gauge!(BLOB_BYTES, Unit::Bytes, "Bytes of stored blobs per tier.");
     describe_gauge!(FIREHOSE_SUBSCRIBERS, "Connected subscribeRepos clients.");
+    describe_gauge!(FIREHOSE_SUBSCRIBERS_BY_REMOTE, "Connected subscribeRepos clients per remote address.");
     describe_counter!(FIREHOSE_EVENTS, "Firehose events published.");
     describe_counter!(FIREHOSE_FRAMES_SENT, "Firehose frames sent to subscribers.");
     describe_counter!(FIREHOSE_BYTES_SENT, Unit::Bytes, "Firehose bytes sent to subscribers.");
