@@ -196,3 +196,15 @@ pub async fn change_handle(state: &AppState, did: &str, handle: &str) -> Result<
         other => HandleError::Internal(anyhow::anyhow!(other)),
     })
 }
+
+/// Deletes an account and everything it holds (`RepoService::delete_account`,
+/// one transaction with its `#account deleted` event), then its key file, then
+/// the large blobs that transaction queued (the periodic sweep retries).
+pub async fn delete_account(state: &AppState, did: &str) -> anyhow::Result<()> {
+    state.repo.delete_account(did).await.map_err(|e| anyhow::anyhow!(e))?;
+    state.keys.remove_repo_key(did)?;
+    if let Err(e) = state.blobs.process_deletions().await {
+        tracing::warn!(error = %e, "deleting the account's blobs failed; the sweep retries");
+    }
+    Ok(())
+}

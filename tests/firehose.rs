@@ -35,7 +35,7 @@ use jacquard_repo::commit::{Commit as JCommit, UnsignedCommit as JUnsignedCommit
 use jacquard_repo::mst::VerifiedWriteOp;
 use jacquard_repo::{MemoryBlockStore, Mst};
 
-use common::{Options, TestPds, plc_signing_key, post};
+use common::{Options, TestPds, plc_signing_key, post, vm_rss_kib};
 use roost::atp::data::decode_cbor_strict;
 
 const SUBSCRIBE: &str = "/xrpc/com.atproto.sync.subscribeRepos";
@@ -587,15 +587,6 @@ async fn mixed_writes(pds: &TestPds, access: &str) -> usize {
     apply_writes(pds, access, mixed).await;
     commits += 2;
     commits
-}
-
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 // ---------------------------------------------------------------------------

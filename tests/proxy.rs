@@ -614,17 +614,6 @@ async fn preferences_are_stored_locally_with_the_reference_rules() {
     );
 }
 
-fn vm_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn hanging_and_huge_upstreams_end_cleanly_with_bounded_memory() {
     let up = Upstream::start().await;

@@ -336,12 +336,7 @@ pub async fn delete_account(
     if !token_ok {
         return Err(XrpcError::lexicon("InvalidToken", "Token is invalid"));
     }
-    state.repo.delete_account(&account.did).await?;
-    state.keys.remove_repo_key(&account.did)?;
-    // Large blobs were queued for deletion in the same transaction.
-    if let Err(e) = state.blobs.process_deletions().await {
-        tracing::warn!(error = %e, "deleting the account's blobs failed; the sweep retries");
-    }
+    crate::accounts::delete_account(&state, &account.did).await?;
     Ok(Json(json!({})))
 }
 

@@ -256,11 +256,7 @@ pub async fn delete_account(
     if state.db.account_by_did(&input.did).await?.is_none() {
         return Err(XrpcError::invalid_request("account not found"));
     }
-    state.repo.delete_account(&input.did).await?;
-    state.keys.remove_repo_key(&input.did)?;
-    if let Err(e) = state.blobs.process_deletions().await {
-        tracing::warn!(error = %e, "deleting the account's blobs failed; the sweep retries");
-    }
+    crate::accounts::delete_account(&state, &input.did).await?;
     Ok(Json(json!({})))
 }
 

@@ -34,6 +34,15 @@ pub struct CreateSessionInput {
     auth_factor_token: Option<String>,
 }
 
+/// The per-IP throttle shared by logins and signups (each costs an Argon2 hash).
+fn throttle_by_ip(
+    state: &AppState,
+    peer: std::net::SocketAddr,
+    headers: &axum::http::HeaderMap,
+) -> XrpcResult<()> {
+    state.login_limiter.check(crate::ratelimit::client_ip(peer.ip(), headers, state.config.trusted_proxies))
+}
+
 /// # `com.atproto.server.createSession`
 pub async fn create_session(
     State(state): State<AppState>,
@@ -41,11 +50,7 @@ pub async fn create_session(
     headers: axum::http::HeaderMap,
     XrpcJson(input): XrpcJson<CreateSessionInput>,
 ) -> XrpcResult<Json<Value>> {
-    state.login_limiter.check(crate::ratelimit::client_ip(
-        peer.ip(),
-        &headers,
-        state.config.trusted_proxies,
-    ))?;
+    throttle_by_ip(&state, peer, &headers)?;
     let identifier = input.identifier.trim().to_ascii_lowercase();
     state.rate_limits.login(&identifier)?;
     let account = if identifier.starts_with("did:") {
@@ -138,11 +143,7 @@ pub async fn create_account(
     XrpcJson(input): XrpcJson<CreateAccountInput>,
 ) -> XrpcResult<Json<Value>> {
     // Signups cost an Argon2 hash and a PLC operation: share the login throttle.
-    state.login_limiter.check(crate::ratelimit::client_ip(
-        peer.ip(),
-        &headers,
-        state.config.trusted_proxies,
-    ))?;
+    throttle_by_ip(&state, peer, &headers)?;
     if input.did.is_some() {
         return Err(XrpcError::invalid_request("Account migration (an existing did) is not supported"));
     }

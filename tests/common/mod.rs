@@ -860,3 +860,13 @@ pub fn post(text: &str) -> Value {
         "createdAt": "2024-01-01T00:00:00.000Z",
     })
 }
+
+/// This process's resident set size in KiB (the in-process server included).
+pub fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
