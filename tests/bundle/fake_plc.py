@@ -4,7 +4,8 @@ POST /<did> stores the operation and answers 200; GET /<did> answers 200 with a
 stub document once the DID is known, else 404. Enough for Roost's first-start
 account creation; the real PLC checks live in tests/interop.
 
-Usage: python3 fake_plc.py PORTFILE   (binds 127.0.0.1:0, writes the port)
+Usage: python3 fake_plc.py PORTFILE [HOST]   (binds HOST, default 127.0.0.1,
+       on a free port and writes the port to PORTFILE)
 """
 
 import json
@@ -46,7 +47,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    server = ThreadingHTTPServer((host, 0), Handler)
     with open(sys.argv[1], "w") as f:
         f.write(str(server.server_address[1]))
     server.serve_forever()
