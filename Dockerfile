@@ -52,7 +52,7 @@ COPY --from=build /out/roost /usr/local/bin/roost
 # lexicon-cache/ is used instead of the registry (see lexicon-cache/README.md).
 COPY lexicon-cache/ /tmp/lexicon-cache/
 RUN set -eu; \
-    pkg=$(find /tmp/lexicon-cache -name '*.tgz' | head -n 1); \
+    pkg=$(find /tmp/lexicon-cache -name '*.tgz' -print -quit); \
     if [ -n "$pkg" ]; then \
         roost lexicons install --from "$pkg" --to /usr/share/roost/lexicons.json; \
     else \

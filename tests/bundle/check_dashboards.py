@@ -13,19 +13,36 @@ when any check fails:
   datasource uid, every PromQL query uses only metric names and labels from
   metrics.txt (the ops contract), and the Roost dashboard covers every topic;
 - alert rules: same metric/label check, and every alert has a promtool test
-  where it fires and one where it does not.
+  where it fires and one where it does not;
+- a real PromQL parse: every dashboard query (Grafana variables substituted)
+  and every alert-rule expression becomes a recording rule in a temporary rule
+  file that `promtool check rules` must accept (a self-test first makes sure a
+  broken expression is rejected). promtool is found on PATH (tests/bundle/run
+  installs Debian's prometheus package when missing); without it this is a
+  SKIP, or a FAIL when CI=true.
 """
 
 import glob
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import yaml
 
 ROOT = sys.argv[1]
 failed = False
+
+
+def skip(name, why):
+    global failed
+    if os.environ.get("CI") == "true":
+        result(name, [why + " (CI=true: a missing component is a failure)"])
+    else:
+        print(f"*** SKIP: {name}: {why} ***")
 
 
 def result(name, problems):
@@ -223,6 +240,47 @@ def ds_uid(ds):
     return ds  # legacy: a name or uid string
 
 
+# Grafana's global variables, and the value each stands for in the parse.
+GLOBAL_VARS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h", "__range_s": "3600", "__range_ms": "3600000", "__interval_ms": "60000"}
+VAR_RE = re.compile(r"\$\{([A-Za-z0-9_]+)(?::[^}]*)?\}|\$([A-Za-z0-9_]+)|\[\[([A-Za-z0-9_]+)(?::[^\]]*)?\]\]")
+STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+
+
+def substitute(expr, variables):
+    """EXPR with Grafana variables replaced: inside a string (a label matcher)
+    by `.*`, which every matcher accepts; elsewhere by the global variable's
+    stand-in or the dashboard variable's current value. Unknown variables are
+    left as they are, so the parse fails on them."""
+
+    def outside(text):
+        def repl(m):
+            name = m.group(1) or m.group(2) or m.group(3)
+            if name in GLOBAL_VARS:
+                return GLOBAL_VARS[name]
+            return variables.get(name, m.group(0))
+
+        return VAR_RE.sub(repl, text)
+
+    out, pos = [], 0
+    for m in STRING_RE.finditer(expr):
+        out.append(outside(expr[pos : m.start()]))
+        out.append(VAR_RE.sub(".*", m.group(0)))
+        pos = m.end()
+    out.append(outside(expr[pos:]))
+    return "".join(out)
+
+
+def current_value(var):
+    cur = (var.get("current") or {}).get("value")
+    if isinstance(cur, list):
+        cur = cur[0] if cur else None
+    if cur in (None, "", "$__all"):
+        opts = [o.get("value") for o in var.get("options", []) if o.get("value") not in (None, "$__all")]
+        cur = opts[0] if opts else None
+    return None if cur is None else str(cur)
+
+
+PARSE = []  # (where, PromQL with variables substituted)
 dashboards = sorted({p for d in dash_dirs for p in glob.glob(os.path.join(d, "*.json"))})
 seen_uids = set()
 for path in dashboards:
@@ -262,6 +320,14 @@ for path in dashboards:
 
     problems = []
     used = set()
+    variables = {}
+    for var in dash.get("templating", {}).get("list", []):
+        vds = ds_uid(var.get("datasource"))
+        if var.get("type") == "query" and vds not in uids:
+            problems.append(f"variable {var.get('name')!r} datasource uid {vds!r} is not provisioned")
+        value = current_value(var)
+        if value is not None:
+            variables[var.get("name")] = value
     for p in panels:
         if p.get("type") == "row":
             continue
@@ -278,10 +344,13 @@ for path in dashboards:
                 for prob in promql_problems(t.get("expr", "")):
                     problems.append(f"panel {p.get('title')!r}: {prob}")
                 used |= metric_names(t.get("expr", ""))
+                PARSE.append((f"{rel} panel {p.get('id')} {p.get('title')!r} query {t.get('refId')}", substitute(t.get("expr", ""), variables)))
     for ann in dash.get("annotations", {}).get("list", []):
         a = ds_uid(ann.get("datasource"))
         if a not in uids and a != "-- Grafana --":
             problems.append(f"annotation {ann.get('name')!r} datasource uid {a!r} is not provisioned")
+        elif uids.get(a, {}).get("type") == "prometheus" and ann.get("expr"):
+            PARSE.append((f"{rel} annotation {ann.get('name')!r}", substitute(ann["expr"], variables)))
     result(f"{rel} queries (datasource uids, contract metric names)", problems)
 
     if dash.get("uid") == "roost-overview":
@@ -303,6 +372,7 @@ for path in sorted(glob.glob(os.path.join(ROOT, "prometheus/rules/*.yml"))):
         for rule in group.get("rules", []):
             for prob in promql_problems(rule.get("expr", "")):
                 problems.append(f"{rule.get('alert') or rule.get('record')}: {prob}")
+            PARSE.append((f"{os.path.relpath(path, ROOT)} {rule.get('alert') or rule.get('record')}", str(rule.get("expr", ""))))
             if rule.get("alert"):
                 alerts.append(rule["alert"])
                 if not rule.get("annotations", {}).get("summary") or not rule.get("labels", {}).get("severity"):
@@ -328,5 +398,51 @@ for name in alerts:
     if name not in quiet:
         problems.append(f"no test where {name} stays quiet")
 result("every alert is tested firing and not firing", problems)
+
+# --- a real PromQL parse (promtool) -----------------------------------------
+
+
+def promtool_parse(exprs):
+    """Runs `promtool check rules` on one recording rule per expression;
+    returns (ok, output with the rule names mapped back to where each came from)."""
+    names = {f"bundle_check:expr_{i}": where for i, (where, _) in enumerate(exprs)}
+    doc = {"groups": [{"name": "bundle_check", "rules": [{"record": f"bundle_check:expr_{i}", "expr": e} for i, (_, e) in enumerate(exprs)]}]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "exprs.yml")
+        with open(path, "w") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+        proc = subprocess.run([promtool, "check", "rules", path], capture_output=True, text=True)
+    out = (proc.stdout + proc.stderr).replace(path, "<generated rules>")
+    for name, where in sorted(names.items(), key=lambda kv: -len(kv[0])):
+        out = out.replace(name, where)
+    # promtool counts what it read; anything short of all of them is a failure too.
+    ok = proc.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in out
+    return ok, out.strip()
+
+
+promtool = shutil.which("promtool")
+if not promtool:
+    skip("promtool parses every dashboard query and alert expression", "promtool is not installed (Debian package prometheus)")
+else:
+    problems = []
+    # Self-test: the parse must be able to fail, and variables must become valid PromQL.
+    for bad in ["sum(rate(roost_http_requests_total[5m])", "rate(roost_http_requests_total[$__rate_interval]", 'roost_blobs{tier="$tier"', "roost_blobs offset"]:
+        ok, _ = promtool_parse([("self-test", substitute(bad, {}))])
+        if ok:
+            problems.append(f"promtool accepted {bad!r}")
+    ok, out = promtool_parse([("self-test", substitute('sum by (le) (rate(roost_http_request_duration_seconds_bucket{method=~"${method:regex}", tier=~"$tier"}[$__rate_interval])) / $scale', {"scale": "2"}))])
+    if not ok:
+        problems.append(f"promtool rejected a valid query with variables: {out}")
+    ok, out = promtool_parse([("self-test", substitute("rate(roost_http_requests_total[$unknown_var])", {}))])
+    if ok:
+        problems.append("an unknown Grafana variable was not caught")
+    result("promtool parse self-test (broken expressions are rejected)", problems)
+
+    if not PARSE:
+        result("promtool parses every dashboard query and alert expression", ["no expression collected"])
+    else:
+        ok, out = promtool_parse(PARSE)
+        print(f"promtool check rules on {len(PARSE)} expressions: {out.splitlines()[-1] if out else ''}")
+        result(f"promtool parses every dashboard query and alert expression ({len(PARSE)})", [] if ok else [out])
 
 sys.exit(1 if failed else 0)

@@ -44,7 +44,7 @@ check() {
 }
 
 # The private venv with the pinned tools of requirements.txt (Caddy, Compose,
-# websockets, PyYAML). Prints nothing; returns non-zero when pip fails.
+# websockets, PyYAML, hadolint). Prints nothing; returns non-zero when pip fails.
 bundle_venv="$bundle_cache/venv"
 ensure_venv() {
   local stamp="$bundle_venv/.requirements"

