@@ -151,7 +151,7 @@ for bad in [
 for good in [
     'histogram_quantile(0.95, sum by (le, method) (rate(roost_http_request_duration_seconds_bucket[$__rate_interval])))',
     'sum(rate(roost_http_requests_total{status=~"5.."}[5m])) / sum(rate(roost_http_requests_total[5m])) > 0.05',
-    'up{job="roost"} == 0',
+    'up{job="pds"} == 0',
 ]:
     if promql_problems(good):
         selftest.append(f"rejected {good!r}: {promql_problems(good)}")

@@ -12,7 +12,7 @@
 #   - /tls-check (asked by Caddy, on Roost's listener) allows the hostname and
 #     an existing handle and refuses others; Caddy issues a certificate for the
 #     handle and refuses one for an unknown subdomain;
-#   - Prometheus: up{job="roost"} == 1 (the bundle's job for pds:9464),
+#   - Prometheus: up{job="pds"} == 1 (the bundle's scrape job of pds:9464),
 #     the commits counter it scraped counts the posts, every rule group of
 #     prometheus/rules is loaded and evaluates without error, RoostDown is
 #     quiet, and every dashboard query runs on it without error.
@@ -247,13 +247,13 @@ wait_value() {
 # One scrape_interval (15 s) at most, plus slack.
 check_up() {
   local v
-  v=$(wait_value 45 'up{job="roost"} == 1') || { echo "up{job=\"roost\"} is $(promq 'up{job="roost"}')"; curl -s "$prom/api/v1/targets"; return 1; }
-  echo "up{job=\"roost\"} = $v; target: $(curl -fsS "$prom/api/v1/targets" | "$py" -c '
+  v=$(wait_value 45 'up{job="pds"} == 1') || { echo "up{job=\"pds\"} is $(promq 'up{job="pds"}')"; curl -s "$prom/api/v1/targets"; return 1; }
+  echo "up{job=\"pds\"} = $v; target: $(curl -fsS "$prom/api/v1/targets" | "$py" -c '
 import json, sys
 for t in json.load(sys.stdin)["data"]["activeTargets"]:
     print(t["labels"]["job"], t["scrapeUrl"], t["health"], t["lastError"])' | tr '\n' ';')"
 }
-check 'native: Prometheus scrapes Roost: up{job="roost"} == 1' check_up
+check 'native: Prometheus scrapes Roost: up{job="pds"} == 1' check_up
 
 check_self() {
   wait_value 45 'up{job="prometheus"} == 1'
@@ -262,8 +262,8 @@ check 'native: Prometheus scrapes itself: up{job="prometheus"} == 1' check_self
 
 check_commits() {
   local scraped direct created
-  scraped=$(wait_value 45 'roost_repo_commits_total{job="roost"}') || { echo "no roost_repo_commits_total in Prometheus"; return 1; }
-  created=$(wait_value 5 'sum(roost_repo_records_written_total{job="roost", action="create"})') ||
+  scraped=$(wait_value 45 'roost_repo_commits_total{job="pds"}') || { echo "no roost_repo_commits_total in Prometheus"; return 1; }
+  created=$(wait_value 5 'sum(roost_repo_records_written_total{job="pds", action="create"})') ||
     { echo "no roost_repo_records_written_total{action=\"create\"} in Prometheus"; return 1; }
   direct=$(curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk '$1 == "roost_repo_commits_total" {print $2}')
   echo "through Prometheus: roost_repo_commits_total = $scraped, records created = $created; on the listener: $direct"
