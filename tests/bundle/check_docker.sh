@@ -362,15 +362,11 @@ check_uid() {
 }
 check "docker: process runs as non-root and owns /pds (volume)" check_uid
 
-if has_subcommand healthcheck; then
-  healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" = healthy ]; }
-  if wait_for 90 healthy; then
-    pass "docker: healthcheck (roost healthcheck) turns healthy"
-  else
-    fail "docker: healthcheck turns healthy" "status $(docker inspect -f '{{.State.Health.Status}} {{json .State.Health.Log}}' "$container" | tail -c 600)"
-  fi
+healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" = healthy ]; }
+if wait_for 90 healthy; then
+  pass "docker: healthcheck (roost healthcheck) turns healthy"
 else
-  skip "docker: healthcheck turns healthy" "$roost_bin has no 'healthcheck' subcommand yet (ops branch not merged); the container reports unhealthy until it has"
+  fail "docker: healthcheck turns healthy" "status $(docker inspect -f '{{.State.Health.Status}} {{json .State.Health.Log}}' "$container" | tail -c 600)"
 fi
 
 stop_clean() {

@@ -7,8 +7,8 @@
 #   *** SKIP: <name>: <why> ***
 # A component that cannot be installed or started is a SKIP, except when
 # CI=true, where it is a FAIL (as scripts/test does for the S3 server), unless
-# the caller says the skip is allowed in CI (the Docker engine, features the
-# binary does not have yet).
+# the caller says the skip is allowed in CI (only the Docker engine, which
+# needs privileges a sandbox may not grant).
 
 bundle_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 bundle_dir="$bundle_root/tests/bundle"
