@@ -512,22 +512,8 @@ xrpc_json() {
   [ -z "${4:-}" ] || args+=(-H "authorization: Bearer $4")
   https "${args[@]}"
 }
-json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
-session=""
 login_and_post() {
-  local out did token uri cid got
-  out=$(xrpc_json POST com.atproto.server.createSession "{\"identifier\":\"$handle\",\"password\":\"$password\"}") || return 1
-  token=$(json_field accessJwt <<<"$out") && did=$(json_field did <<<"$out") || return 1
-  session=$token
-  echo "logged in as $did"
-  out=$(xrpc_json POST com.atproto.repo.createRecord \
-    "{\"repo\":\"$did\",\"collection\":\"app.bsky.feed.post\",\"record\":{\"\$type\":\"app.bsky.feed.post\",\"text\":\"hello from the compose stack\",\"createdAt\":\"$(date -u +%Y-%m-%dT%H:%M:%S.000Z)\"}}" "$token") || return 1
-  uri=$(json_field uri <<<"$out") && cid=$(json_field cid <<<"$out") || return 1
-  echo "posted $uri ($cid)"
-  got=$(https -f -G "$base_url/xrpc/com.atproto.repo.getRecord" --data-urlencode "repo=$did" \
-    --data-urlencode "collection=app.bsky.feed.post" --data-urlencode "rkey=${uri##*/}" | json_field cid) || return 1
-  [ "$got" = "$cid" ] || { echo "getRecord returned cid $got"; return 1; }
-  echo "$did" >"$tmp/did"
+  login_post_readback "$base_url" "$handle" "$password" "hello from the compose stack"
 }
 check "compose: login (createSession) and a post (createRecord, read back) through Caddy" login_and_post
 check "compose: firehose WebSocket through Caddy (replay and live, unbuffered)" \
@@ -580,12 +566,12 @@ more_posts() {
   local i
   for i in $(seq 1 20); do
     xrpc_json POST com.atproto.repo.createRecord \
-      "{\"repo\":\"$(cat "$tmp/did")\",\"collection\":\"app.bsky.feed.post\",\"record\":{\"text\":\"post $i\",\"createdAt\":\"$(date -u +%Y-%m-%dT%H:%M:%S.000Z)\"}}" "$session" >/dev/null || return 1
+      "{\"repo\":\"$(cat "$tmp/session_did")\",\"collection\":\"app.bsky.feed.post\",\"record\":{\"text\":\"post $i\",\"createdAt\":\"$(date -u +%Y-%m-%dT%H:%M:%S.000Z)\"}}" "$(cat "$tmp/session_jwt")" >/dev/null || return 1
   done
 }
 check "compose: 20 more posts through Caddy" more_posts
 head_commit() { # the repo's head as the running server reports it
-  https -f -G "$base_url/xrpc/com.atproto.sync.getLatestCommit" --data-urlencode "did=$(cat "$tmp/did")" | json_field cid
+  https -f -G "$base_url/xrpc/com.atproto.sync.getLatestCommit" --data-urlencode "did=$(cat "$tmp/session_did")" | jget cid
 }
 backup_start=$SECONDS
 head_before=$(head_commit)
@@ -622,7 +608,7 @@ restored_serves() {
     --env-file "$project/.env" -e PDS_DATA_DIRECTORY=/pds -e PDS_BIND_ADDRESS=0.0.0.0 -e PDS_PORT=2583 \
     -v "$restored:/pds" "$image" >/dev/null || return 1
   wait_for 60 curl -fsS "http://127.0.0.1:$port/xrpc/_health" || { docker logs "$restored" 2>&1 | tail -n 10; return 1; }
-  head=$(curl -fsS -G "http://127.0.0.1:$port/xrpc/com.atproto.sync.getLatestCommit" --data-urlencode "did=$(cat "$tmp/did")" | json_field cid) || return 1
+  head=$(curl -fsS -G "http://127.0.0.1:$port/xrpc/com.atproto.sync.getLatestCommit" --data-urlencode "did=$(cat "$tmp/session_did")" | jget cid) || return 1
   echo "restored head $head, original head before the backup $head_before"
   [ "$head" = "$head_before" ]
 }

@@ -76,16 +76,6 @@ if [ ! -x "$roost_bin" ]; then
 fi
 echo "caddy $("$caddy" version | cut -d' ' -f1), $(prometheus --version 2>&1 | head -n 1)"
 
-# jget KEY...: a value from the JSON document on stdin (keys and list indexes).
-jget() {
-  "$py" -c '
-import json, sys
-v = json.load(sys.stdin)
-for k in sys.argv[1:]:
-    v = v[int(k)] if isinstance(v, list) else v[k]
-print(v if isinstance(v, str) else json.dumps(v))' "$@"
-}
-
 # --- Roost behind a stub PLC directory, with its metrics listener -------------
 
 python3 "$bundle_dir/fake_plc.py" "$tmp/plc.port" &
@@ -168,30 +158,8 @@ check "native: /metrics is not served through Caddy" check_metrics_hidden
 
 # --- a login and a post through Caddy ---------------------------------------------
 
-text="native end-to-end post $$"
 check_post() {
-  local session did jwt created uri cid rkey got
-  session=$(https --fail-with-body -H 'content-type: application/json' \
-    -d "{\"identifier\": \"$handle\", \"password\": \"$password\"}" \
-    "$base/xrpc/com.atproto.server.createSession") || { echo "createSession: $session"; return 1; }
-  did=$(jget did <<<"$session") && jwt=$(jget accessJwt <<<"$session") || return 1
-  [ "$(jget handle <<<"$session")" = "$handle" ] || { echo "createSession answered another handle: $session"; return 1; }
-  echo "logged in as $handle ($did)"
-  created=$(https --fail-with-body -H 'content-type: application/json' -H "authorization: Bearer $jwt" \
-    -d "{\"repo\": \"$did\", \"collection\": \"app.bsky.feed.post\",
-         \"record\": {\"\$type\": \"app.bsky.feed.post\", \"text\": \"$text\", \"createdAt\": \"2026-01-01T00:00:00.000Z\"}}" \
-    "$base/xrpc/com.atproto.repo.createRecord") || { echo "createRecord: $created"; return 1; }
-  uri=$(jget uri <<<"$created") && cid=$(jget cid <<<"$created") || return 1
-  rkey=${uri##*/}
-  echo "created $uri ($cid)"
-  [[ $uri == "at://$did/app.bsky.feed.post/$rkey" ]] || { echo "unexpected uri $uri"; return 1; }
-  got=$(https --fail-with-body \
-    "$base/xrpc/com.atproto.repo.getRecord?repo=$did&collection=app.bsky.feed.post&rkey=$rkey") ||
-    { echo "getRecord: $got"; return 1; }
-  echo "getRecord: $got"
-  [ "$(jget uri <<<"$got")" = "$uri" ] || { echo "getRecord uri differs"; return 1; }
-  [ "$(jget cid <<<"$got")" = "$cid" ] || { echo "getRecord cid differs"; return 1; }
-  [ "$(jget value text <<<"$got")" = "$text" ] || { echo "getRecord text differs"; return 1; }
+  login_post_readback "$base" "$handle" "$password" "native end-to-end post $$"
 }
 check "native: login, post and read-back (createSession, createRecord, getRecord) through Caddy" check_post
 

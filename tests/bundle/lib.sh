@@ -90,3 +90,43 @@ roost_bin=${ROOST_BIN:-$bundle_root/target/debug/roost}
 has_subcommand() {
   "$roost_bin" "$1" --help >/dev/null 2>&1
 }
+
+# jget KEY...: a value from the JSON document on stdin (keys and list indexes).
+jget() {
+  python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1:]:
+    v = v[int(k)] if isinstance(v, list) else v[k]
+print(v if isinstance(v, str) else json.dumps(v))' "$@"
+}
+
+# login_post_readback BASE HANDLE PASSWORD TEXT: createSession, createRecord of
+# an app.bsky.feed.post with TEXT, and getRecord of it (same uri, cid, text),
+# all through the caller's `https` function (curl with its CA and --resolve).
+# Writes the DID and the access token to $tmp/session_did and $tmp/session_jwt
+# (check() runs it in a subshell, so no globals survive).
+login_post_readback() {
+  local base=$1 handle=$2 password=$3 text=$4 session session_did session_jwt created uri cid rkey got
+  session=$(https --fail-with-body -H 'content-type: application/json' \
+    -d "{\"identifier\": \"$handle\", \"password\": \"$password\"}" \
+    "$base/xrpc/com.atproto.server.createSession") || { echo "createSession: $session"; return 1; }
+  session_did=$(jget did <<<"$session") && session_jwt=$(jget accessJwt <<<"$session") || return 1
+  [ "$(jget handle <<<"$session")" = "$handle" ] || { echo "createSession answered another handle: $session"; return 1; }
+  echo "logged in as $handle ($session_did)"
+  echo "$session_did" >"${tmp:?}/session_did" && echo "$session_jwt" >"$tmp/session_jwt" || return 1
+  created=$(https --fail-with-body -H 'content-type: application/json' -H "authorization: Bearer $session_jwt" \
+    -d "{\"repo\": \"$session_did\", \"collection\": \"app.bsky.feed.post\",
+         \"record\": {\"\$type\": \"app.bsky.feed.post\", \"text\": \"$text\", \"createdAt\": \"2026-01-01T00:00:00.000Z\"}}" \
+    "$base/xrpc/com.atproto.repo.createRecord") || { echo "createRecord: $created"; return 1; }
+  uri=$(jget uri <<<"$created") && cid=$(jget cid <<<"$created") || return 1
+  rkey=${uri##*/}
+  echo "created $uri ($cid)"
+  [[ $uri == "at://$session_did/app.bsky.feed.post/$rkey" ]] || { echo "unexpected uri $uri"; return 1; }
+  got=$(https --fail-with-body \
+    "$base/xrpc/com.atproto.repo.getRecord?repo=$session_did&collection=app.bsky.feed.post&rkey=$rkey") ||
+    { echo "getRecord: $got"; return 1; }
+  [ "$(jget uri <<<"$got")" = "$uri" ] || { echo "getRecord uri differs: $got"; return 1; }
+  [ "$(jget cid <<<"$got")" = "$cid" ] || { echo "getRecord cid differs: $got"; return 1; }
+  [ "$(jget value text <<<"$got")" = "$text" ] || { echo "getRecord text differs: $got"; return 1; }
+}
