@@ -308,7 +308,8 @@ else
   exit "$bundle_failed"
 fi
 image_size=$(docker image inspect -f '{{.Size}}' "$image")
-echo "FIGURE: image size of $image: $((image_size / 1000000)) MB ($image_size bytes)"
+base_size=$(docker image inspect -f '{{.Size}}' "$runtime_ref")
+echo "FIGURE: image size of $image: $((image_size / 1000000)) MB, of which the base ($runtime_ref, debootstrap minbase) $((base_size / 1000000)) MB and Roost's layers $(((image_size - base_size) / 1000000)) MB"
 check_real_build() {
   # cargo compiled Roost from these sources in the build stage (the
   # dependency layer may come from the cache; this layer never does when the
@@ -573,11 +574,12 @@ check "compose: 20 more posts through Caddy" more_posts
 head_commit() { # the repo's head as the running server reports it
   https -f -G "$base_url/xrpc/com.atproto.sync.getLatestCommit" --data-urlencode "did=$(cat "$tmp/session_did")" | jget cid
 }
-backup_start=$SECONDS
 head_before=$(head_commit)
+backup_start=$(date +%s%N)
 if stack --profile backup run --rm --no-deps --entrypoint roost backup backup --out /backups/e2e >"$tmp/backup.log" 2>&1; then
-  pass "compose: roost backup in the backup service while pds serves ($((SECONDS - backup_start)) s)"
-  echo "FIGURE: compose backup: $((SECONDS - backup_start)) s including the container start; $(tail -n 1 "$tmp/backup.log")"
+  backup_ms=$((($(date +%s%N) - backup_start) / 1000000))
+  pass "compose: roost backup in the backup service while pds serves"
+  echo "FIGURE: compose backup: $backup_ms ms including the container's start and stop; $(tail -n 1 "$tmp/backup.log")"
 else
   fail "compose: roost backup" "$(tail -n 10 "$tmp/backup.log")"
 fi
