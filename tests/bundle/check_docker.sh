@@ -35,6 +35,8 @@ cleanup() {
   if [ -n "$dockerd_pid" ]; then
     docker rm -f "$container" >/dev/null 2>&1 || true
     docker volume rm -f "$volume" >/dev/null 2>&1 || true
+    # Untagged images: earlier builds' layers. The current build stage is
+    # tagged (roost-test/roost-build), so its cached layers survive.
     docker image prune -f >/dev/null 2>&1 || true
     kill "$dockerd_pid" 2>/dev/null || true
     local i
@@ -298,7 +300,10 @@ fi
 image=roost-test/roost:bundle
 echo "docker build of ./Dockerfile (a real release build; the first one takes several minutes)"
 build_start=$SECONDS
-DOCKER_BUILDKIT=0 timeout "$(left)" docker build --network host -t "$image" . >"$tmp/build.log" 2>&1
+# The build stage is tagged too, so that the cleanup's prune keeps its layers
+# (the dependency layer above all) as the cache of the next run.
+DOCKER_BUILDKIT=0 timeout "$(left)" docker build --network host --target build -t roost-test/roost-build:cache . >"$tmp/build.log" 2>&1 &&
+  DOCKER_BUILDKIT=0 timeout "$(left)" docker build --network host -t "$image" . >>"$tmp/build.log" 2>&1
 build_status=$?
 [ -z "$lexicon_tgz" ] || rm -f "$lexicon_tgz"
 if [ "$build_status" -eq 0 ]; then
