@@ -411,8 +411,11 @@ grafana_port=$(free_port)
 # The stack's network is made first (compose then uses it as its default) so
 # the stub PLC can listen on its gateway address, reachable from the pds
 # container and from nothing outside this host.
-docker network create "$network" >/dev/null
-gateway=$(docker network inspect -f '{{(index .IPAM.Config 0).Gateway}}' "$network")
+if ! out=$(docker network create "$network" 2>&1) ||
+  ! gateway=$(docker network inspect -f '{{(index .IPAM.Config 0).Gateway}}' "$network") || [ -z "$gateway" ]; then
+  fail "compose: a bridge network for the stack" "$out"
+  exit "$bundle_failed"
+fi
 python3 "$bundle_dir/fake_plc.py" "$tmp/plc.port" "$gateway" &
 plc_pid=$!
 if ! wait_for 10 test -s "$tmp/plc.port"; then
