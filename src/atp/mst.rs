@@ -760,7 +760,7 @@ mod tests {
         let mut leaves = Vec::new();
         while let Some((c, layer, is_root)) = stack.pop() {
             let node = check_node(&c, &store[&c], layer, is_root).expect("valid node");
-            let below = node.layer.map(|l| l - 1);
+            let below = node.layer.and_then(|l| l.checked_sub(1));
             for sub in node.subtrees() {
                 stack.push((sub, below, false));
             }
