@@ -14,6 +14,10 @@
 //! 3. lookups: `--lookups` random `MstEditor::get` through a fresh
 //!    `RepoService`, which fills its node cache (shows what that cache costs).
 //!
+//! The directory is also a data directory (`roost.sqlite`, `keys/`), so
+//! `PDS_HOSTNAME=scale.test PDS_DATA_DIRECTORY=DIR roost backup --out …` and
+//! `roost verify DIR` work on it.
+//!
 //! The peak is reported two ways: since the start of the process, and since
 //! the start of the phase (the kernel's peak counter is reset between phases
 //! by writing 5 to /proc/self/clear_refs).
@@ -200,6 +204,15 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let key = SigningKey::generate();
         std::fs::write(&key_path, key.to_hex())?;
+        // Also where the server keeps it, so the directory is a data directory that
+        // `roost backup` and `roost verify` accept (BENCHMARKS.md, "Backup and verify").
+        let keys = args.dir.join("keys");
+        std::fs::create_dir_all(&keys)?;
+        std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        roost::identity::write_secret_file(
+            &keys.join(roost::identity::repo_key_file_name(DID)),
+            &key.to_hex(),
+        )?;
         db.insert_pending_account(&AccountRow {
             did: DID.into(),
             handle: "scale.test".into(),

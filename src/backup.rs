@@ -27,13 +27,14 @@ use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 
 use crate::config::Config;
+use crate::progress::{Progress, mib};
 
 pub const MANIFEST: &str = "manifest.json";
 /// Written into the data directory after each successful backup (read by the
 /// `roost_backup_last_success_timestamp_seconds` gauge).
 pub const LAST_BACKUP: &str = "last-backup.json";
-const DB_FILE: &str = "roost.sqlite";
-const FORMAT: u32 = 1;
+pub(crate) const DB_FILE: &str = "roost.sqlite";
+pub(crate) const FORMAT: u32 = 1;
 const S3_NOTE: &str = "Blobs in the s3 tier are not copied: the bucket is backed up by its provider \
                        (enable versioning or replication there).";
 
@@ -108,7 +109,21 @@ pub async fn backup(config: &Config, out: &Path) -> anyhow::Result<Manifest> {
     .await
     .with_context(|| format!("opening {}", db_path.display()))?;
     let snapshot_str = snapshot.to_str().context("backup path is not UTF-8")?;
-    sqlx::query("VACUUM INTO ?1").bind(snapshot_str).execute(&mut live).await.context("VACUUM INTO")?;
+    // VACUUM INTO is one statement: progress is the snapshot file growing.
+    let watcher = {
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let mut progress = Progress::new("backup");
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let size = std::fs::metadata(&snapshot).map_or(0, |m| m.len());
+                progress.tick(|| format!("database snapshot {} written", mib(size)));
+            }
+        })
+    };
+    let vacuum = sqlx::query("VACUUM INTO ?1").bind(snapshot_str).execute(&mut live).await;
+    watcher.abort();
+    vacuum.context("VACUUM INTO")?;
     live.close().await?;
     std::fs::set_permissions(&snapshot, std::fs::Permissions::from_mode(0o600))?;
 
@@ -139,7 +154,10 @@ pub async fn backup(config: &Config, out: &Path) -> anyhow::Result<Manifest> {
         if !disk_blobs.is_empty() {
             create_private_dir(&out_dir.join("blobs"))?;
         }
-        for (did, cid) in &disk_blobs {
+        let mut progress = Progress::new("backup");
+        let mut copied_bytes = 0u64;
+        for (i, (did, cid)) in disk_blobs.iter().enumerate() {
+            progress.tick(|| format!("blobs {i}/{disk_total} ({})", mib(copied_bytes)));
             let rel = crate::blobs::object_path(did, cid).to_string();
             let src = disk_location.join(&rel);
             let rel = format!("blobs/{rel}");
@@ -148,10 +166,16 @@ pub async fn backup(config: &Config, out: &Path) -> anyhow::Result<Manifest> {
                 create_private_dir(parent)?;
             }
             match copy_hashed(&src, &dst, 0o600) {
-                Ok((size, sha256)) => files.push(FileEntry { path: rel, size, sha256, mode: 0o600 }),
+                Ok((size, sha256)) => {
+                    copied_bytes += size;
+                    files.push(FileEntry { path: rel, size, sha256, mode: 0o600 });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(format!("{did}/{cid}")),
                 Err(e) => return Err(anyhow::Error::from(e).context(format!("copying {}", src.display()))),
             }
+        }
+        if progress.printed() {
+            eprintln!("backup: blobs {disk_total}/{disk_total} ({})", mib(copied_bytes));
         }
         Ok((files, missing))
     })
@@ -197,7 +221,10 @@ pub async fn restore(config: &Config, from: &Path, force: bool) -> anyhow::Resul
 fn restore_files(config: &Config, from: &Path, manifest: &Manifest, force: bool) -> anyhow::Result<()> {
     // Every checksum first: a damaged backup writes nothing.
     let mut bad = Vec::new();
-    for entry in &manifest.files {
+    let total = manifest.files.len();
+    let mut progress = Progress::new("restore");
+    for (i, entry) in manifest.files.iter().enumerate() {
+        progress.tick(|| format!("checking {i}/{total} files"));
         match hash_file(&from.join(&entry.path)) {
             Ok((size, sha256)) if size == entry.size && sha256 == entry.sha256 => {}
             Ok(_) => bad.push(format!("{}: checksum mismatch", entry.path)),
@@ -253,7 +280,9 @@ fn restore_files(config: &Config, from: &Path, manifest: &Manifest, force: bool)
     // Blob files are named by their content address, so writing them in place
     // is safe even if a later one fails.
     let disk = &config.blobstore.disk_location;
-    for entry in blobs {
+    let blob_total = blobs.len();
+    for (i, entry) in blobs.into_iter().enumerate() {
+        progress.tick(|| format!("blobs {i}/{blob_total} copied"));
         let rel = entry.path.trim_start_matches("blobs/");
         let dst = disk.join(rel);
         if let Some(parent) = dst.parent() {
@@ -263,12 +292,15 @@ fn restore_files(config: &Config, from: &Path, manifest: &Manifest, force: bool)
         copy_verified(&from.join(&entry.path), &tmp, entry)?;
         std::fs::rename(&tmp, &dst)?;
     }
+    if progress.printed() {
+        eprintln!("restore: done in {:.0} s", progress.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 
 /// Manifest paths must stay inside the backup and the places restore writes
 /// to: a hand-edited manifest must not make restore write elsewhere.
-fn check_paths(manifest: &Manifest) -> anyhow::Result<()> {
+pub(crate) fn check_paths(manifest: &Manifest) -> anyhow::Result<()> {
     let mut seen = HashSet::new();
     for entry in &manifest.files {
         let path = Path::new(&entry.path);
@@ -320,7 +352,7 @@ fn hash_entry(out: &Path, rel: &str, mode: u32) -> anyhow::Result<FileEntry> {
 const CHUNK: usize = 64 * 1024;
 
 /// Size and SHA-256 of a file, read in chunks.
-fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];

@@ -40,6 +40,11 @@ pub fn read_key_file(path: &Path) -> anyhow::Result<SigningKey> {
     SigningKey::from_hex(text.trim()).with_context(|| format!("parsing key in {}", path.display()))
 }
 
+/// The name of an account's repo key file in the key directory.
+pub fn repo_key_file_name(did: &str) -> String {
+    format!("{}.repo.key", did.replace(':', "_"))
+}
+
 /// The signing keys of local accounts and the PLC rotation key.
 pub struct KeyStore {
     dir: PathBuf,
@@ -79,7 +84,7 @@ impl KeyStore {
     }
 
     fn repo_key_path(&self, did: &str) -> PathBuf {
-        self.dir.join(format!("{}.repo.key", did.replace(':', "_")))
+        self.dir.join(repo_key_file_name(did))
     }
 
     /// Stores a new account's repo key under its DID.

@@ -69,6 +69,17 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Check a backup (manifest checksums) or a data directory without a server:
+    /// SQLite integrity, every repository's signed commit and MST, the record
+    /// index, blobs. Exit status 0 only when every check passes.
+    Verify {
+        /// A directory written by `roost backup`, or a data directory.
+        dir: std::path::PathBuf,
+        /// Disk-tier blobs of a data directory (default PDS_BLOBSTORE_DISK_LOCATION
+        /// when set, else DIR/blobs); a backup's are in its blobs/.
+        #[arg(long, value_name = "DIR")]
+        blobs: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,6 +222,27 @@ async fn main() -> anyhow::Result<()> {
             );
             if manifest.blobs.s3_not_copied > 0 {
                 println!("{} blobs live in S3 and were not part of the backup", manifest.blobs.s3_not_copied);
+            }
+            Ok(())
+        }
+        Command::Verify { dir, blobs } => {
+            // No validated configuration needed: a backup can be checked anywhere.
+            let disk_blobs = blobs.or_else(|| {
+                RawConfig::load().ok()?.blobstore_disk_location.filter(|l| !l.is_empty()).map(Into::into)
+            });
+            let report = roost::verify::verify(&dir, &roost::verify::Options { disk_blobs }).await?;
+            for line in &report.checks {
+                println!("{line}");
+            }
+            for problem in &report.problems {
+                println!("problem: {problem}");
+            }
+            if report.problem_count > report.problems.len() {
+                println!("… and {} more problems", report.problem_count - report.problems.len());
+            }
+            println!("{}", report.summary());
+            if !report.ok() {
+                std::process::exit(1);
             }
             Ok(())
         }

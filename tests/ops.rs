@@ -619,6 +619,8 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     let out = work.path().join("backup");
     let manifest =
         roost::backup::backup(&test_config(&src.data_dir, &src.plc.url), &out).await.expect("backup");
+    // The live data directory verifies while the writer goes on (one read transaction).
+    assert_verifies(&src.data_dir).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written = writer.await.expect("writer");
     assert!(written >= 10);
@@ -647,9 +649,14 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     let last = roost::backup::last_backup(&src.data_dir).expect("last-backup.json");
     assert_eq!(last.finished_at, manifest.finished_at);
 
+    // The snapshot taken under load verifies: manifest, database, repository, blobs.
+    let report = assert_verifies(&out).await;
+    assert_eq!((report.accounts, report.blobs), (1, 2), "{report:?}");
+
     // Restore into a directory that does not exist yet, and serve it.
     let fresh = work.path().join("restored");
     roost::backup::restore(&test_config(&fresh, &src.plc.url), &out, false).await.expect("restore");
+    assert_eq!(assert_verifies(&fresh).await.records, report.records, "the restored data directory verifies");
     assert_eq!(mode(&fresh.join("keys")), 0o700);
     for entry in std::fs::read_dir(fresh.join("keys")).expect("keys") {
         assert_eq!(mode(&entry.expect("entry").path()), 0o600);
@@ -690,6 +697,8 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     restored.create(&access2, ITEM, Some("after-restore"), item(9999)).await;
     restored.verify().await;
     restored.stop().await;
+    // After the server ran on it (WAL mode, a new commit), the data directory still verifies.
+    assert_eq!(assert_verifies(&fresh).await.records, report.records + 1);
 
     // A non-empty data directory is refused without --force, replaced with it.
     let err =
@@ -724,6 +733,9 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
             .expect_err("a tampered backup must be refused");
         assert!(format!("{err:#}").contains(victim), "{err:#}");
         assert!(!target.exists(), "nothing written for a tampered backup");
+        let report = roost::verify::verify(&out, &Default::default()).await.expect("verify runs");
+        assert!(!report.ok(), "verify must fail on a flipped byte in {victim}");
+        assert!(report.problems.iter().any(|p| p.contains(victim)), "{victim}: {:?}", report.problems);
         std::fs::write(&path, &original).expect("untamper");
     }
     // A missing file is refused too.
@@ -732,6 +744,188 @@ async fn backup_while_writing_restores_into_a_fresh_directory_and_refuses_tamper
     let target = work.path().join("missing-file");
     assert!(roost::backup::restore(&test_config(&target, &src.plc.url), &out, false).await.is_err());
     assert!(!target.exists());
+}
+
+// ---------------------------------------------------------------------------
+// Verify
+
+/// `roost::verify::verify` on `dir` passes; returns the report.
+async fn assert_verifies(dir: &Path) -> roost::verify::Report {
+    let report = roost::verify::verify(dir, &Default::default()).await.expect("verify runs");
+    assert!(report.ok(), "{}: {:#?}", dir.display(), report);
+    report
+}
+
+/// `roost verify DIR` with the real binary: (exit code, stdout).
+async fn roost_verify(dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_roost"))
+        .arg("verify")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("run roost verify");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let dst = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::fs::copy(entry.path(), &dst).expect("copy");
+        }
+    }
+}
+
+/// A copy of the backup as a data directory (no manifest), and a read-write
+/// connection to its database, to damage it.
+async fn damaged_copy(out: &Path, to: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection as _;
+    copy_dir(out, to);
+    std::fs::remove_file(to.join("manifest.json")).expect("rm manifest");
+    sqlx::SqliteConnection::connect(&format!("sqlite://{}", to.join("roost.sqlite").display()))
+        .await
+        .expect("open copy")
+}
+
+/// Fails with the problem named, through the library.
+async fn assert_problem(dir: &Path, needle: &str) {
+    let report = roost::verify::verify(dir, &Default::default()).await.expect("verify runs");
+    assert!(!report.ok(), "{needle}: verify passed: {report:#?}");
+    assert!(report.problems.iter().any(|p| p.contains(needle)), "{needle}: {:#?}", report.problems);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_a_fresh_backup_and_names_each_kind_of_damage() {
+    let src = TestPds::spawn().await;
+    let (access, _) = src.login().await;
+    let big: Vec<u8> = (0..150_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let r = src
+        .post_raw("com.atproto.repo.uploadBlob", Some(&access), Some("application/octet-stream"), big)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let blob = r.json()["blob"].clone();
+    let blob_cid = blob["ref"]["$link"].as_str().expect("cid").to_owned();
+    src.create(&access, ITEM, Some("with-blob"), json!({ "$type": ITEM, "big": blob })).await;
+    // Enough records for a tree of several layers.
+    for n in 0..120 {
+        src.create(&access, ITEM, Some(&format!("r{n:04}")), item(n)).await;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = work.path().join("backup");
+    roost::backup::backup(&test_config(&src.data_dir, &src.plc.url), &out).await.expect("backup");
+    src.stop().await;
+
+    // The real binary: exit 0, one line per check, the summary last.
+    let (code, stdout) = roost_verify(&out).await;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("manifest: 4/4 files match"), "{stdout}");
+    assert!(stdout.contains("sqlite: integrity_check ok, foreign_key_check ok"), "{stdout}");
+    assert!(stdout.contains("121 records") && stdout.contains(", OK"), "{stdout}");
+    let last = stdout.lines().last().expect("a summary");
+    assert!(
+        last.starts_with("verify: OK — 1 accounts, 121 records, ") && last.ends_with("1 blobs (0 problems)"),
+        "{last}"
+    );
+    let report = assert_verifies(&out).await;
+    let blob_file =
+        std::fs::read_dir(out.join("blobs")).expect("blobs").next().expect("a dir").expect("entry").path();
+    let blob_rel = format!("blobs/{}/{blob_cid}", blob_file.file_name().expect("name").to_string_lossy());
+
+    // A flipped bit in the database: the manifest names it, and the exit status says so.
+    let flipped = work.path().join("flipped");
+    copy_dir(&out, &flipped);
+    let db = flipped.join("roost.sqlite");
+    let mut bytes = std::fs::read(&db).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&db, &bytes).expect("write");
+    let (code, stdout) = roost_verify(&flipped).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("problem: manifest: roost.sqlite: SHA-256 mismatch"), "{stdout}");
+    assert!(stdout.lines().last().expect("summary").starts_with("verify: FAILED"), "{stdout}");
+
+    // A disk blob gone from the backup: named by the manifest and by the blob check.
+    let no_blob = work.path().join("no-blob");
+    copy_dir(&out, &no_blob);
+    std::fs::remove_file(no_blob.join(&blob_rel)).expect("rm blob");
+    assert_problem(&no_blob, &format!("manifest: {blob_rel}")).await;
+    assert_problem(&no_blob, &format!("blobs: {}", blob_rel.trim_start_matches("blobs/"))).await;
+
+    // A record block deleted from the database (data-directory mode: no manifest to trip first).
+    let (record_cid,): (Vec<u8>,) = {
+        let mut conn = damaged_copy(&out, &work.path().join("no-record-block")).await;
+        let row: (Vec<u8>,) = sqlx::query_as("SELECT cid FROM record WHERE rkey = 'r0007'")
+            .fetch_one(&mut conn)
+            .await
+            .expect("record");
+        sqlx::query("DELETE FROM block WHERE cid = ?").bind(&row.0).execute(&mut conn).await.expect("delete");
+        row
+    };
+    let record_cid = cid::Cid::try_from(record_cid.as_slice()).expect("cid");
+    assert_problem(
+        &work.path().join("no-record-block"),
+        &format!("record {ITEM}/r0007: block {record_cid} is missing"),
+    )
+    .await;
+
+    // An MST node deleted: the tree walk names it.
+    let data_cid = {
+        let mut conn = damaged_copy(&out, &work.path().join("no-mst-node")).await;
+        let (data,): (Vec<u8>,) =
+            sqlx::query_as("SELECT data_cid FROM repo_root").fetch_one(&mut conn).await.expect("root");
+        sqlx::query("DELETE FROM block WHERE cid = ?").bind(&data).execute(&mut conn).await.expect("delete");
+        cid::Cid::try_from(data.as_slice()).expect("cid")
+    };
+    assert_problem(&work.path().join("no-mst-node"), &format!("MST node {data_cid} is missing")).await;
+
+    // A record missing from the index: the MST and the index disagree.
+    {
+        let mut conn = damaged_copy(&out, &work.path().join("index-gap")).await;
+        sqlx::query("DELETE FROM record WHERE rkey = 'r0042'").execute(&mut conn).await.expect("delete");
+    }
+    assert_problem(
+        &work.path().join("index-gap"),
+        &format!("record {ITEM}/r0042 is in the MST but not in the record index"),
+    )
+    .await;
+
+    // A tampered commit signature (the block re-encoded, so its CID is honest).
+    {
+        let mut conn = damaged_copy(&out, &work.path().join("bad-sig")).await;
+        let (commit_cid,): (Vec<u8>,) =
+            sqlx::query_as("SELECT commit_cid FROM repo_root").fetch_one(&mut conn).await.expect("root");
+        let (data,): (Vec<u8>,) = sqlx::query_as("SELECT data FROM block WHERE cid = ?")
+            .bind(&commit_cid)
+            .fetch_one(&mut conn)
+            .await
+            .expect("commit block");
+        let mut commit = roost::atp::commit::decode(&data).expect("commit");
+        commit.sig[10] ^= 0x01;
+        let bytes = roost::atp::data::encode_cbor_serde(&commit).expect("encode");
+        let cid = roost::atp::data::cid_for_cbor(&bytes);
+        sqlx::query("UPDATE block SET cid = ?, data = ? WHERE cid = ?")
+            .bind(cid.to_bytes())
+            .bind(&bytes)
+            .bind(&commit_cid)
+            .execute(&mut conn)
+            .await
+            .expect("swap block");
+        sqlx::query("UPDATE repo_root SET commit_cid = ?")
+            .bind(cid.to_bytes())
+            .execute(&mut conn)
+            .await
+            .expect("root");
+    }
+    assert_problem(&work.path().join("bad-sig"), "commit signature does not verify").await;
+    let (code, stdout) = roost_verify(&work.path().join("bad-sig")).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("manifest: none"), "{stdout}");
+    let _ = report;
 }
 
 // ---------------------------------------------------------------------------

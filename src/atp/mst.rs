@@ -192,6 +192,95 @@ fn node_layer(node: &Node) -> Option<u32> {
     node.entries.first().map(|e| key_height(&e.key))
 }
 
+/// One stored node, checked on its own (see [`check_node`]): keys are full
+/// (prefix compression undone) and in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedNode {
+    /// The node's layer; `None` only for the root of an empty tree.
+    pub layer: Option<u32>,
+    /// The subtree before the first entry.
+    pub left: Option<Cid>,
+    pub entries: Vec<CheckedEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedEntry {
+    pub key: String,
+    /// The record's CID.
+    pub value: Cid,
+    /// The subtree between this entry and the next.
+    pub right: Option<Cid>,
+}
+
+impl CheckedNode {
+    /// Subtrees, in key order.
+    pub fn subtrees(&self) -> impl Iterator<Item = Cid> + '_ {
+        self.left.into_iter().chain(self.entries.iter().filter_map(|e| e.right))
+    }
+}
+
+/// Checks one stored MST node for a verifier walking a tree node by node:
+/// its CID is the SHA-256 DAG-CBOR CID of `bytes`, the encoding is the
+/// canonical one (re-encoding gives the same bytes), keys are valid repository
+/// keys in strictly increasing order, and the layer rule holds: every entry
+/// has the node's layer, which must be `layer` when the parent fixed it (one
+/// below the parent's). A node other than the root is never empty, a layer-0
+/// node has no subtrees, and a root without entries is the empty tree (a
+/// root with only a subtree would have been trimmed).
+///
+/// Order across nodes (every key of a subtree between its neighbouring
+/// entries) is the caller's to check, e.g. by visiting leaves in order.
+///
+/// # Errors
+///
+/// [`MstError::BadNode`] naming the broken rule.
+pub fn check_node(
+    cid: &Cid,
+    bytes: &[u8],
+    layer: Option<u32>,
+    is_root: bool,
+) -> Result<CheckedNode, MstError> {
+    let bad = |reason: String| MstError::BadNode { cid: *cid, reason };
+    let computed = cid_for_cbor(bytes);
+    if computed != *cid {
+        return Err(bad(format!("bytes hash to {computed}")));
+    }
+    let node = Node::decode(cid, bytes)?;
+    if node.encode()? != bytes {
+        return Err(bad("not canonically encoded".into()));
+    }
+    let node_layer = match (node_layer(&node), layer) {
+        (Some(found), Some(want)) if found != want => {
+            return Err(bad(format!("entries at layer {found} where layer {want} belongs")));
+        }
+        (Some(found), _) => Some(found),
+        (None, want) => want,
+    };
+    let mut entries = Vec::with_capacity(node.entries.len());
+    for entry in node.entries {
+        let key = String::from_utf8(entry.key).map_err(|_| bad("key is not UTF-8".into()))?;
+        validate_key(&key).map_err(|_| bad(format!("invalid key {key:?}")))?;
+        if Some(key_height(key.as_bytes())) != node_layer {
+            return Err(bad(format!("key {key:?} does not belong to the node's layer")));
+        }
+        entries.push(CheckedEntry { key, value: entry.value, right: entry.right });
+    }
+    let checked = CheckedNode { layer: node_layer, left: node.left, entries };
+    let has_subtrees = checked.subtrees().next().is_some();
+    if checked.entries.is_empty() {
+        if is_root && has_subtrees {
+            return Err(bad("root has no entries but a subtree (untrimmed)".into()));
+        }
+        if !is_root && !has_subtrees {
+            return Err(bad("empty node below the root".into()));
+        }
+    }
+    if checked.layer == Some(0) && has_subtrees {
+        return Err(bad("layer-0 node has subtrees".into()));
+    }
+    Ok(checked)
+}
+
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The outcome of a batch of edits, ready to be persisted in one transaction.
@@ -658,6 +747,49 @@ mod tests {
         .expect("build tree");
         persist(store, &diff);
         diff.root
+    }
+
+    #[test]
+    fn check_node_accepts_built_trees_and_names_broken_rules() {
+        let mut store = Store::new();
+        let keys: Vec<String> = (0..300).map(|i| format!("app.bsky.feed.post/k{i:04}")).collect();
+        let root =
+            build(&mut store, &keys, cid("bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"));
+        // Walk with an explicit stack: every node passes, leaves come out in order.
+        let mut stack = vec![(root, None, true)];
+        let mut leaves = Vec::new();
+        while let Some((c, layer, is_root)) = stack.pop() {
+            let node = check_node(&c, &store[&c], layer, is_root).expect("valid node");
+            let below = node.layer.and_then(|l| l.checked_sub(1));
+            for sub in node.subtrees() {
+                stack.push((sub, below, false));
+            }
+            leaves.extend(node.entries.iter().map(|e| e.key.clone()));
+        }
+        leaves.sort();
+        assert_eq!(leaves, keys);
+        let empty = MstEditor::<Store>::empty_root().expect("empty");
+        let empty_bytes = Node::default().encode().expect("encode");
+        assert!(check_node(&empty, &empty_bytes, None, true).is_ok());
+        assert!(check_node(&empty, &empty_bytes, Some(1), false).is_err(), "empty non-root");
+
+        let root_node = check_node(&root, &store[&root], None, true).expect("root");
+        let layer = root_node.layer.expect("layer");
+        // Wrong CID for the bytes; wrong layer demanded by the parent.
+        assert!(check_node(&empty, &store[&root], None, true).is_err());
+        assert!(check_node(&root, &store[&root], Some(layer + 1), false).is_err());
+        // A key at the wrong layer, re-encoded so the CID matches.
+        let misplaced = Node {
+            left: None,
+            entries: vec![Entry {
+                key: keys.iter().find(|k| key_height(k.as_bytes()) != 0).expect("k").clone().into_bytes(),
+                value: empty,
+                right: None,
+            }],
+        };
+        let bytes = misplaced.encode().expect("encode");
+        let err = check_node(&cid_for_cbor(&bytes), &bytes, Some(0), false).expect_err("wrong layer");
+        assert!(err.to_string().contains("layer"), "{err}");
     }
 
     #[test]
