@@ -488,6 +488,9 @@ print(f"FIGURE: pds start to listening: {t(sys.argv[2]) - start:.2f} s; to healt
 PY
 }
 start_figures || true
+# rss_of CONTAINER: the VmRSS of its main process, from the host's /proc.
+rss_of() { awk '/^VmRSS/ {printf "%.1f MiB", $2 / 1024}' "/proc/$(docker inspect -f '{{.State.Pid}}' "$1")/status"; }
+echo "FIGURE: RSS of the pds container's roost process once healthy, before any request: $(rss_of "$pds_container")"
 
 ca="$tmp/caddy-root.crt"
 get_ca() { stack cp caddy:/data/caddy/pki/authorities/local/root.crt "$ca" && test -s "$ca"; }
@@ -566,8 +569,7 @@ check "compose: Prometheus and metrics are not published publicly" not_public
 
 # Idle RSS of the pds process (after the login, the post and the firehose).
 sleep 2
-pds_pid=$(docker inspect -f '{{.State.Pid}}' "$pds_container")
-echo "FIGURE: idle RSS of the pds container's roost process: $(awk '/^VmRSS/ {printf "%.1f MiB", $2 / 1024}' "/proc/$pds_pid/status")"
+echo "FIGURE: RSS of the pds container's roost process, idle after a login, a post and a firehose session: $(rss_of "$pds_container")"
 
 # --- backup, restore into a fresh volume, verify --------------------------------
 
