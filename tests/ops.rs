@@ -797,6 +797,41 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
+    // The metrics listener: the text format by default, OpenMetrics with the
+    // requests' trace ids as latency exemplars when asked like Prometheus asks.
+    let scrape = |accept: Option<&'static str>| {
+        let mut get = http_client().get(format!("http://127.0.0.1:{}/metrics", server.metrics_port));
+        if let Some(accept) = accept {
+            get = get.header("accept", accept);
+        }
+        async move {
+            let r = get.send().await.expect("GET /metrics");
+            assert_eq!(r.status(), StatusCode::OK);
+            let ct = r.headers()["content-type"].to_str().expect("ascii").to_owned();
+            (ct, r.text().await.expect("metrics body"))
+        }
+    };
+    let (ct, text) = scrape(None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4");
+    assert!(!text.contains(" # {") && !text.contains("# EOF"), "{text}");
+    assert!(text.contains("# TYPE roost_http_requests_total counter"), "{text}");
+    let (ct, om) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+         text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert_eq!(ct, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert!(om.ends_with("\n# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE roost_http_requests counter\n"), "{om}");
+    let exemplar_of = |method: &str| -> Vec<String> {
+        om.lines()
+            .filter(|l| l.starts_with(&format!("roost_http_request_duration_seconds_bucket{{method=\"{method}\",")))
+            .filter_map(|l| l.split_once(" # {trace_id=\"").map(|(_, e)| e[..32].to_owned()))
+            .collect()
+    };
+    assert_eq!(exemplar_of("com.atproto.sync.listRepos"), [caller_trace], "{om}");
+    let describe_exemplars = exemplar_of("com.atproto.server.describeServer");
+    assert_eq!(describe_exemplars.len(), 1, "{om}");
     // Shutdown flushes the batch.
     let (status, _) = server.terminate().await;
     assert!(status.success(), "{}", server.log_tail());
@@ -827,6 +862,8 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
         .expect("hex");
     assert_eq!(id.len(), 32, "{line}");
     assert_ne!(id, caller_trace);
+    assert_eq!(describe_exemplars, [id], "the exemplar is the trace of the logged request");
+    assert!(contains(&all, &hex::decode(id).expect("hex")), "the exemplar's trace was exported");
     assert!(
         log.lines().any(|l| l.contains("rpc.method=com.atproto.sync.listRepos")
             && l.contains(&format!("trace_id={caller_trace}"))),
