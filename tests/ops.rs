@@ -825,7 +825,9 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
     assert!(om.contains("# TYPE roost_http_requests counter\n"), "{om}");
     let exemplar_of = |method: &str| -> Vec<String> {
         om.lines()
-            .filter(|l| l.starts_with(&format!("roost_http_request_duration_seconds_bucket{{method=\"{method}\",")))
+            .filter(|l| {
+                l.starts_with(&format!("roost_http_request_duration_seconds_bucket{{method=\"{method}\","))
+            })
             .filter_map(|l| l.split_once(" # {trace_id=\"").map(|(_, e)| e[..32].to_owned()))
             .collect()
     };

@@ -196,7 +196,8 @@ pub fn exposition(accept: Option<&str>, text: &str, exemplars: &HttpExemplars) -
         });
         ([(axum::http::header::CONTENT_TYPE, openmetrics::OPENMETRICS_CONTENT_TYPE)], body).into_response()
     } else {
-        ([(axum::http::header::CONTENT_TYPE, openmetrics::TEXT_CONTENT_TYPE)], text.to_owned()).into_response()
+        ([(axum::http::header::CONTENT_TYPE, openmetrics::TEXT_CONTENT_TYPE)], text.to_owned())
+            .into_response()
     }
 }
 
@@ -221,7 +222,8 @@ impl HttpExemplars {
         let slot = HTTP_BUCKETS.iter().position(|le| value <= *le).unwrap_or(HTTP_BUCKETS.len());
         let timestamp = at.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        series.entry(method).or_insert([None; HTTP_SLOTS])[slot] = Some(Exemplar { trace_id, value, timestamp });
+        series.entry(method).or_insert([None; HTTP_SLOTS])[slot] =
+            Some(Exemplar { trace_id, value, timestamp });
     }
 
     /// A copy, so a scrape holds the lock only for a memcpy.
@@ -491,11 +493,16 @@ mod tests {
         let (ct, om) = body(exposition(Some(prometheus), &text, &exemplars)).await;
         assert_eq!(ct, "application/openmetrics-text; version=1.0.0; charset=utf-8");
         let line = |prefix: &str| {
-            om.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{om}")).to_owned()
+            om.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in\n{om}"))
+                .to_owned()
         };
         let two = "02".repeat(16);
         assert_eq!(
-            line(r#"roost_http_request_duration_seconds_bucket{method="com.atproto.repo.createRecord",le="0.1"}"#),
+            line(
+                r#"roost_http_request_duration_seconds_bucket{method="com.atproto.repo.createRecord",le="0.1"}"#
+            ),
             format!(
                 r#"roost_http_request_duration_seconds_bucket{{method="com.atproto.repo.createRecord",le="0.1"}} 2 # {{trace_id="{two}"}} 0.067 1700000000.123"#
             )

@@ -340,10 +340,7 @@ lat_count 1
         };
         let out = to_openmetrics(TEXT, at_inf);
         assert!(
-            out.contains(&format!(
-                "le=\"+Inf\"}} 2 # {{trace_id=\"{}\"}} 12.5 2.000\n",
-                "ab".repeat(16)
-            )),
+            out.contains(&format!("le=\"+Inf\"}} 2 # {{trace_id=\"{}\"}} 12.5 2.000\n", "ab".repeat(16))),
             "{out}"
         );
         assert_eq!(out.matches(" # {").count(), 1, "{out}");
@@ -354,7 +351,10 @@ lat_count 1
 
     #[test]
     fn openmetrics_label_blocks_parse_with_escapes() {
-        assert_eq!(parse_labels(r#"a="x",b="y\"z,",le="1""#), Some(vec![("a", "x"), ("b", r#"y\"z,"#), ("le", "1")]));
+        assert_eq!(
+            parse_labels(r#"a="x",b="y\"z,",le="1""#),
+            Some(vec![("a", "x"), ("b", r#"y\"z,"#), ("le", "1")])
+        );
         assert_eq!(parse_labels(""), Some(vec![]));
         assert_eq!(parse_labels(r#"a="x"#), None);
     }
