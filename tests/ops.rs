@@ -797,6 +797,17 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
+    // An unsampled caller trace is not exported, so it gets no exemplar.
+    let unsampled = format!("00-{}-00f067aa0ba902b7-00", "5".repeat(32));
+    let r = x
+        .request(
+            Method::GET,
+            "/xrpc/com.atproto.sync.getLatestCommit",
+            &[("traceparent", unsampled.as_str())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
     // The metrics listener: the text format by default, OpenMetrics with the
     // requests' trace ids as latency exemplars when asked like Prometheus asks.
     let scrape = |accept: Option<&'static str>| {
@@ -832,6 +843,13 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
             .collect()
     };
     assert_eq!(exemplar_of("com.atproto.sync.listRepos"), [caller_trace], "{om}");
+    assert_eq!(exemplar_of("com.atproto.sync.getLatestCommit"), Vec::<String>::new(), "{om}");
+    assert!(
+        om.contains(
+            "roost_http_request_duration_seconds_count{method=\"com.atproto.sync.getLatestCommit\"} 1"
+        ),
+        "{om}"
+    );
     let describe_exemplars = exemplar_of("com.atproto.server.describeServer");
     assert_eq!(describe_exemplars.len(), 1, "{om}");
     // Shutdown flushes the batch.

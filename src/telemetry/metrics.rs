@@ -504,7 +504,7 @@ mod tests {
                 r#"roost_http_request_duration_seconds_bucket{method="com.atproto.repo.createRecord",le="0.1"}"#
             ),
             format!(
-                r#"roost_http_request_duration_seconds_bucket{{method="com.atproto.repo.createRecord",le="0.1"}} 2 # {{trace_id="{two}"}} 0.067 1700000000.123"#
+                r#"roost_http_request_duration_seconds_bucket{{method="com.atproto.repo.createRecord",le="0.1"}} 3 # {{trace_id="{two}"}} 0.067 1700000000.123"#
             )
         );
         assert!(

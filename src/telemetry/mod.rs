@@ -152,7 +152,8 @@ pub fn request_span(
         // Log lines inside the request then carry the trace id, to jump from a
         // log to its trace.
         let context = span.context();
-        let span_context = context.span().span_context().clone();
+        let otel_span = context.span();
+        let span_context = otel_span.span_context();
         span.record("trace_id", tracing::field::display(span_context.trace_id()));
         // An unsampled trace is never exported: an exemplar would link to nothing.
         let exported = span_context.is_sampled().then(|| span_context.trace_id().to_bytes());
