@@ -1,7 +1,7 @@
 //! The operations surface (docs: /work/notes/ops-contract.md's counterpart in
 //! README.md): `/metrics` with the contract's metric names, `/tls-check`,
 //! `roost backup` / `roost restore`, `roost healthcheck`, SIGTERM handling,
-//! and OTLP trace export.
+//! and OTLP trace export (with the latency exemplars of OpenMetrics scrapes).
 //!
 //! Metrics and signals are tested against the real binary: the Prometheus
 //! recorder is global to a process, so only a process of its own gives exact
@@ -772,7 +772,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
+async fn otlp_traces_name_spans_by_nsid_and_logs_and_latency_exemplars_carry_trace_ids() {
     let plc = MockPlc::start().await;
     let (collector, seen) = start_collector().await;
     let work = tempfile::tempdir().expect("tempdir");
