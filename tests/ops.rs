@@ -1,7 +1,7 @@
 //! The operations surface (docs: /work/notes/ops-contract.md's counterpart in
 //! README.md): `/metrics` with the contract's metric names, `/tls-check`,
 //! `roost backup` / `roost restore`, `roost healthcheck`, SIGTERM handling,
-//! and OTLP trace export.
+//! and OTLP trace export (with the latency exemplars of OpenMetrics scrapes).
 //!
 //! Metrics and signals are tested against the real binary: the Prometheus
 //! recorder is global to a process, so only a process of its own gives exact
@@ -966,7 +966,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
+async fn otlp_traces_name_spans_by_nsid_and_logs_and_latency_exemplars_carry_trace_ids() {
     let plc = MockPlc::start().await;
     let (collector, seen) = start_collector().await;
     let work = tempfile::tempdir().expect("tempdir");
@@ -991,6 +991,61 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
+    // An unsampled caller trace is not exported, so it gets no exemplar.
+    let unsampled = format!("00-{}-00f067aa0ba902b7-00", "5".repeat(32));
+    let r = x
+        .request(
+            Method::GET,
+            "/xrpc/com.atproto.sync.getLatestCommit",
+            &[("traceparent", unsampled.as_str())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // The metrics listener: the text format by default, OpenMetrics with the
+    // requests' trace ids as latency exemplars when asked like Prometheus asks.
+    let scrape = |accept: Option<&'static str>| {
+        let mut get = http_client().get(format!("http://127.0.0.1:{}/metrics", server.metrics_port));
+        if let Some(accept) = accept {
+            get = get.header("accept", accept);
+        }
+        async move {
+            let r = get.send().await.expect("GET /metrics");
+            assert_eq!(r.status(), StatusCode::OK);
+            let ct = r.headers()["content-type"].to_str().expect("ascii").to_owned();
+            (ct, r.text().await.expect("metrics body"))
+        }
+    };
+    let (ct, text) = scrape(None).await;
+    assert_eq!(ct, "text/plain; version=0.0.4");
+    assert!(!text.contains(" # {") && !text.contains("# EOF"), "{text}");
+    assert!(text.contains("# TYPE roost_http_requests_total counter"), "{text}");
+    let (ct, om) = scrape(Some(
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+         text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    ))
+    .await;
+    assert_eq!(ct, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert!(om.ends_with("\n# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE roost_http_requests counter\n"), "{om}");
+    let exemplar_of = |method: &str| -> Vec<String> {
+        om.lines()
+            .filter(|l| {
+                l.starts_with(&format!("roost_http_request_duration_seconds_bucket{{method=\"{method}\","))
+            })
+            .filter_map(|l| l.split_once(" # {trace_id=\"").map(|(_, e)| e[..32].to_owned()))
+            .collect()
+    };
+    assert_eq!(exemplar_of("com.atproto.sync.listRepos"), [caller_trace], "{om}");
+    assert_eq!(exemplar_of("com.atproto.sync.getLatestCommit"), Vec::<String>::new(), "{om}");
+    assert!(
+        om.contains(
+            "roost_http_request_duration_seconds_count{method=\"com.atproto.sync.getLatestCommit\"} 1"
+        ),
+        "{om}"
+    );
+    let describe_exemplars = exemplar_of("com.atproto.server.describeServer");
+    assert_eq!(describe_exemplars.len(), 1, "{om}");
     // Shutdown flushes the batch.
     let (status, _) = server.terminate().await;
     assert!(status.success(), "{}", server.log_tail());
@@ -1021,6 +1076,8 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_carry_trace_ids() {
         .expect("hex");
     assert_eq!(id.len(), 32, "{line}");
     assert_ne!(id, caller_trace);
+    assert_eq!(describe_exemplars, [id], "the exemplar is the trace of the logged request");
+    assert!(contains(&all, &hex::decode(id).expect("hex")), "the exemplar's trace was exported");
     assert!(
         log.lines().any(|l| l.contains("rpc.method=com.atproto.sync.listRepos")
             && l.contains(&format!("trace_id={caller_trace}"))),

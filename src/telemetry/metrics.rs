@@ -10,12 +10,17 @@
 //! The recorder is global (the `metrics` facade has one per process) and only
 //! installed when a metrics listener is configured; without it every macro
 //! below is a no-op.
+//!
+//! With traces on, the HTTP latency histogram also keeps exemplars (the latest
+//! sampled trace per method and bucket, in [`HttpExemplars`]); the listener
+//! serves them when the scraper asks for OpenMetrics ([`super::openmetrics`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -24,6 +29,8 @@ use axum::response::Response;
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument as _;
+
+use super::openmetrics::{self, Exemplar};
 
 pub const BUILD_INFO: &str = "roost_build_info";
 pub const HTTP_REQUESTS: &str = "roost_http_requests_total";
@@ -62,6 +69,10 @@ const HTTP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 const DB_BUCKETS: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
 
 static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+/// Whether the recorder is installed: without it, exemplars would never be served.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The exemplars of `roost_http_request_duration_seconds`, served with the recorder's histograms.
+static HTTP_EXEMPLARS: LazyLock<HttpExemplars> = LazyLock::new(HttpExemplars::default);
 
 /// Installs the Prometheus recorder once per process and returns its handle
 /// (later calls return the same handle: tests run several servers in one process).
@@ -77,6 +88,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()?;
     describe_all();
     *slot = Some(handle.clone());
+    INSTALLED.store(true, Ordering::Relaxed);
     Ok(handle)
 }
 
@@ -147,7 +159,9 @@ pub async fn bind(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Option<L
     Ok(Some(Listener { listener, handle }))
 }
 
-/// Serves `GET /metrics` (Prometheus text format) until `shutdown` resolves.
+/// Serves `GET /metrics` until `shutdown` resolves: Prometheus text format
+/// 0.0.4, or OpenMetrics 1.0 with exemplars when the `Accept` header prefers it
+/// (as Prometheus's does).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     handle: PrometheusHandle,
@@ -156,17 +170,74 @@ pub async fn serve(
     let process = Arc::new(metrics_process::Collector::default());
     let router = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
             let (handle, process) = (handle.clone(), process.clone());
             async move {
                 // Process figures are read from /proc at scrape time: it is cheap,
                 // and they are then as fresh as the scrape.
                 process.collect();
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+                let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+                exposition(accept, &handle.render(), &HTTP_EXEMPLARS)
             }
         }),
     );
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// The `/metrics` answer for a scraper's `Accept` header: `text` (the
+/// recorder's rendering) as it is, or as OpenMetrics with `exemplars`.
+pub fn exposition(accept: Option<&str>, text: &str, exemplars: &HttpExemplars) -> Response {
+    use axum::response::IntoResponse as _;
+    if openmetrics::wants_openmetrics(accept) {
+        let snapshot = exemplars.snapshot();
+        let body = openmetrics::to_openmetrics(text, |family, labels, le| match (family, labels) {
+            (HTTP_DURATION, [("method", method)]) => snapshot.get(method)?[bucket_of_le(le)?],
+            _ => None,
+        });
+        ([(axum::http::header::CONTENT_TYPE, openmetrics::OPENMETRICS_CONTENT_TYPE)], body).into_response()
+    } else {
+        ([(axum::http::header::CONTENT_TYPE, openmetrics::TEXT_CONTENT_TYPE)], text.to_owned())
+            .into_response()
+    }
+}
+
+/// One exemplar slot per HTTP latency bucket, and one for `+Inf`.
+const HTTP_SLOTS: usize = HTTP_BUCKETS.len() + 1;
+type ExemplarSlots = [Option<Exemplar>; HTTP_SLOTS];
+
+/// The latest sampled trace per (method, bucket) of
+/// `roost_http_request_duration_seconds`. Keys are the `&'static str` method
+/// labels of [`route_label`] (router NSIDs or `other`), so the map is bounded
+/// by the router table: at most a few hundred bytes per method.
+#[derive(Default)]
+pub struct HttpExemplars {
+    series: Mutex<HashMap<&'static str, ExemplarSlots>>,
+}
+
+impl HttpExemplars {
+    /// Keeps `trace_id` as the exemplar of the bucket `elapsed` falls into.
+    /// One short lock and no allocation (after a method's first request).
+    pub fn record(&self, method: &'static str, elapsed: Duration, trace_id: [u8; 16], at: SystemTime) {
+        let value = elapsed.as_secs_f64();
+        let slot = HTTP_BUCKETS.iter().position(|le| value <= *le).unwrap_or(HTTP_BUCKETS.len());
+        let timestamp = at.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series.entry(method).or_insert([None; HTTP_SLOTS])[slot] =
+            Some(Exemplar { trace_id, value, timestamp });
+    }
+
+    /// A copy, so a scrape holds the lock only for a memcpy.
+    fn snapshot(&self) -> HashMap<&'static str, ExemplarSlots> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The exemplar slot of a rendered `le` (bucket bounds print and parse back exactly).
+fn bucket_of_le(le: f64) -> Option<usize> {
+    if le == f64::INFINITY {
+        return Some(HTTP_BUCKETS.len());
+    }
+    HTTP_BUCKETS.iter().position(|b| *b == le)
 }
 
 /// The `method` label for a request path: the NSID when it is one of the
@@ -186,7 +257,7 @@ pub struct KnownMethods(pub Arc<HashSet<&'static str>>);
 /// `roost_http_requests_total{method,status}` and the latency histogram.
 pub async fn track_http(State(known): State<KnownMethods>, request: Request, next: Next) -> Response {
     let (method, is_xrpc) = route_label(request.uri().path(), &known.0);
-    let span = super::request_span(request.method(), method, is_xrpc, request.headers());
+    let (span, trace_id) = super::request_span(request.method(), method, is_xrpc, request.headers());
     let start = Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
     let elapsed = start.elapsed();
@@ -195,6 +266,11 @@ pub async fn track_http(State(known): State<KnownMethods>, request: Request, nex
     tracing::debug!(parent: &span, status = status.as_u16(), latency_ms = elapsed.as_millis() as u64, "response");
     counter!(HTTP_REQUESTS, "method" => method, "status" => status_label(status)).increment(1);
     histogram!(HTTP_DURATION, "method" => method).record(elapsed);
+    if let Some(trace_id) = trace_id
+        && INSTALLED.load(Ordering::Relaxed)
+    {
+        HTTP_EXEMPLARS.record(method, elapsed, trace_id, SystemTime::now());
+    }
     response
 }
 
@@ -373,5 +449,77 @@ mod tests {
         );
         assert!(!text.contains("com.example"), "{text}");
         assert!(text.contains(r#"roost_http_request_duration_seconds_count{method="other"} 50"#), "{text}");
+    }
+
+    async fn body(response: Response) -> (String, String) {
+        let ct = response.headers()[axum::http::header::CONTENT_TYPE].to_str().expect("ascii").to_owned();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+        (ct, String::from_utf8(bytes.to_vec()).expect("utf-8"))
+    }
+
+    /// The text format by default, OpenMetrics with the latest exemplar per
+    /// (method, bucket) when the scraper asks for it.
+    #[tokio::test]
+    async fn metrics_exposition_negotiates_openmetrics_with_exemplars() {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), HTTP_BUCKETS)
+            .expect("buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let exemplars = HttpExemplars::default();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        for (method, ms, trace) in [
+            ("com.atproto.repo.createRecord", 80, [1; 16]),
+            // The latest in a bucket wins.
+            ("com.atproto.repo.createRecord", 67, [2; 16]),
+            ("com.atproto.repo.createRecord", 3, [3; 16]),
+            ("other", 20_000, [4; 16]),
+        ] {
+            let elapsed = Duration::from_millis(ms);
+            histogram!(HTTP_DURATION, "method" => method).record(elapsed);
+            exemplars.record(method, elapsed, trace, at);
+        }
+        counter!(HTTP_REQUESTS, "method" => "other", "status" => "200").increment(1);
+        let text = handle.render();
+
+        for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
+            let (ct, got) = body(exposition(accept, &text, &exemplars)).await;
+            assert_eq!(ct, "text/plain; version=0.0.4");
+            assert_eq!(got, text, "{accept:?}: the text format is served as rendered");
+        }
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let (ct, om) = body(exposition(Some(prometheus), &text, &exemplars)).await;
+        assert_eq!(ct, "application/openmetrics-text; version=1.0.0; charset=utf-8");
+        let line = |prefix: &str| {
+            om.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in\n{om}"))
+                .to_owned()
+        };
+        let two = "02".repeat(16);
+        assert_eq!(
+            line(
+                r#"roost_http_request_duration_seconds_bucket{method="com.atproto.repo.createRecord",le="0.1"}"#
+            ),
+            format!(
+                r#"roost_http_request_duration_seconds_bucket{{method="com.atproto.repo.createRecord",le="0.1"}} 3 # {{trace_id="{two}"}} 0.067 1700000000.123"#
+            )
+        );
+        assert!(
+            line(r#"roost_http_request_duration_seconds_bucket{method="com.atproto.repo.createRecord",le="0.005"}"#)
+                .ends_with(&format!(r#"1 # {{trace_id="{}"}} 0.003 1700000000.123"#, "03".repeat(16))),
+            "{om}"
+        );
+        assert!(
+            line(r#"roost_http_request_duration_seconds_bucket{method="other",le="+Inf"}"#)
+                .ends_with(&format!(r#"1 # {{trace_id="{}"}} 20 1700000000.123"#, "04".repeat(16))),
+            "{om}"
+        );
+        assert_eq!(om.matches(" # {").count(), 3, "{om}");
+        assert!(om.contains("# TYPE roost_http_requests counter\n"), "{om}");
+        assert!(om.contains("\nroost_http_requests_total{method=\"other\",status=\"200\"} 1\n"), "{om}");
+        assert!(om.ends_with("\n# EOF\n") && !om.contains("\n\n"), "{om}");
     }
 }

@@ -7,6 +7,7 @@
 //! OpenTelemetry-only fields stay empty. This module owns no business logic.
 
 pub mod metrics;
+pub mod openmetrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -118,16 +119,18 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The span of one HTTP request, named `xrpc <nsid>` in traces. `nsid` is
-/// already bounded by the router table (see [`metrics::route_label`]). With
-/// tracing on, a `traceparent` header (from the reverse proxy, or a client
-/// tracing its own calls) makes the span part of the caller's trace.
+/// The span of one HTTP request, named `xrpc <nsid>` in traces, and its
+/// trace id when the span is exported (tracing on and the trace sampled), for
+/// the latency exemplar. `nsid` is already bounded by the router table (see
+/// [`metrics::route_label`]). With tracing on, a `traceparent` header (from
+/// the reverse proxy, or a client tracing its own calls) makes the span part
+/// of the caller's trace.
 pub fn request_span(
     method: &axum::http::Method,
     nsid: &'static str,
     is_xrpc: bool,
     headers: &axum::http::HeaderMap,
-) -> Span {
+) -> (Span, Option<[u8; 16]>) {
     let span = tracing::info_span!(
         "request",
         http.request.method = %method,
@@ -148,8 +151,13 @@ pub fn request_span(
         }
         // Log lines inside the request then carry the trace id, to jump from a
         // log to its trace.
-        let trace_id = span.context().span().span_context().trace_id();
-        span.record("trace_id", tracing::field::display(trace_id));
+        let context = span.context();
+        let otel_span = context.span();
+        let span_context = otel_span.span_context();
+        span.record("trace_id", tracing::field::display(span_context.trace_id()));
+        // An unsampled trace is never exported: an exemplar would link to nothing.
+        let exported = span_context.is_sampled().then(|| span_context.trace_id().to_bytes());
+        return (span, exported);
     }
-    span
+    (span, None)
 }

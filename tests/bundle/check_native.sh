@@ -12,6 +12,11 @@
 #   - a login (createSession), a post (createRecord of an app.bsky.feed.post)
 #     and reading it back (getRecord: same uri and cid, same text);
 #   - the firehose WebSocket (ws_check.py: replay and a live commit);
+#   - traces: Roost exports over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT) to a stand-in
+#     collector (otlp_sink.py, decoded with opentelemetry-proto): server spans
+#     named `xrpc <nsid>` for the login, the post and the read-back, and the
+#     write path's `apply_writes` span inside the post's trace; Roost's log
+#     lines carry the same trace ids;
 #   - /tls-check (asked by Caddy, on Roost's listener) allows the hostname and
 #     an existing handle and refuses others; Caddy issues a certificate for the
 #     handle and refuses one for an unknown subdomain;
@@ -20,7 +25,12 @@
 #     prometheus/rules is loaded and evaluates without error, RoostDown is
 #     quiet, and every dashboard query runs on it without error;
 #   - every roost_ metric family the metrics listener exposes is in the
-#     contract (tests/bundle/metrics.txt) the dashboards and alerts use.
+#     contract (tests/bundle/metrics.txt) the dashboards and alerts use;
+#   - asked like Prometheus asks, the metrics listener answers OpenMetrics that
+#     prometheus_client's strict parser accepts, with trace-id exemplars on the
+#     latency buckets; Prometheus (--enable-feature=exemplar-storage, from the
+#     compose command) stored exemplars whose trace ids are traces the
+#     collector received.
 #
 # The Prometheus config is a copy of prometheus/prometheus.yml in which only
 # the target addresses are rewritten to the native processes (pds:9464 ->
@@ -81,12 +91,19 @@ echo "caddy $("$caddy" version | cut -d' ' -f1), $(prometheus --version 2>&1 | h
 python3 "$bundle_dir/fake_plc.py" "$tmp/plc.port" &
 pids+=($!)
 wait_for 10 test -s "$tmp/plc.port" || { fail "native: stub PLC" "did not start"; exit "$bundle_failed"; }
+"$py" "$bundle_dir/otlp_sink.py" serve "$tmp/otlp.port" "$tmp/otlp" &
+pids+=($!)
+wait_for 10 test -s "$tmp/otlp.port" || { fail "native: OTLP collector (otlp_sink.py)" "did not start"; exit "$bundle_failed"; }
 roost_port=$(free_port)
 metrics_port=$(free_port)
+# Traces go to the stand-in collector. roost::telemetry=debug adds the
+# per-request "response" log line (what an operator turns on to log requests),
+# so that every request has a log line to carry its trace id.
 env PDS_HOSTNAME="$host" PDS_DEV_MODE=true PDS_PORT="$roost_port" PDS_BIND_ADDRESS=127.0.0.1 \
   PDS_DATA_DIRECTORY="$tmp/data" PDS_HANDLE="$handle" PDS_PASSWORD="$password" \
   PDS_DID_PLC_URL="http://127.0.0.1:$(cat "$tmp/plc.port")" PDS_METRICS_LISTEN="127.0.0.1:$metrics_port" \
-  PDS_CRAWLERS="" RUST_LOG=info "$roost_bin" serve --dev >"$tmp/roost.log" 2>&1 &
+  OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$(cat "$tmp/otlp.port")" PDS_CRAWLERS="" \
+  RUST_LOG=info,sqlx=warn,roost::telemetry=debug "$roost_bin" serve --dev >"$tmp/roost.log" 2>&1 &
 pids+=($!)
 if ! wait_for 60 curl -fsS "http://127.0.0.1:$roost_port/xrpc/_health"; then
   fail "native: roost starts" "$(tail -n 20 "$tmp/roost.log")"
@@ -165,6 +182,64 @@ check "native: login, post and read-back (createSession, createRecord, getRecord
 
 check "native: firehose WebSocket (subscribeRepos) through Caddy, replay and live" \
   "$py" "$bundle_dir/ws_check.py" "$host" "$https_port" "$ca" "$handle" "$password"
+
+# --- traces over OTLP, and their ids in the logs ------------------------------------
+
+# The batch exporter sends every 5 s: wait until the post's trace has arrived.
+# The decoded spans stay in $tmp/spans.jsonl for the checks after this one.
+check_traces() {
+  local deadline=$((SECONDS + 30))
+  while :; do
+    "$py" "$bundle_dir/otlp_sink.py" spans "$tmp/otlp" >"$tmp/spans.jsonl" || return 1
+    "$py" - "$tmp/spans.jsonl" <<'EOF' && return 0
+import json, sys
+spans = [json.loads(l) for l in open(sys.argv[1])]
+problems = []
+for nsid in ["com.atproto.server.createSession", "com.atproto.repo.createRecord", "com.atproto.repo.getRecord"]:
+    named = [s for s in spans if s["name"] == f"xrpc {nsid}"]
+    if not named:
+        problems.append(f"no span named 'xrpc {nsid}'")
+        continue
+    s = named[0]
+    if s["attributes"].get("rpc.method") != nsid or s["service"] != "roost":
+        problems.append(f"'xrpc {nsid}': rpc.method {s['attributes'].get('rpc.method')!r}, service {s['service']!r}")
+    if "http.response.status_code" not in s["attributes"]:
+        problems.append(f"'xrpc {nsid}' has no http.response.status_code")
+posts = {s["trace_id"] for s in spans if s["name"] == "xrpc com.atproto.repo.createRecord"}
+if posts and not any(s["name"] == "apply_writes" and s["trace_id"] in posts for s in spans):
+    problems.append("no apply_writes span in a createRecord trace")
+if any(len(s["trace_id"]) != 32 or set(s["trace_id"]) == {"0"} for s in spans):
+    problems.append("a span without a valid trace id")
+print(f"{len(spans)} spans: {sorted({s['name'] for s in spans})}")
+print("\n".join(problems))
+sys.exit(1 if problems else 0)
+EOF
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 1
+  done
+}
+check "native: Roost exports spans over OTLP named by XRPC method (xrpc com.atproto.repo.createRecord, apply_writes in it)" check_traces
+
+check_trace_logs() {
+  "$py" - "$tmp/spans.jsonl" "$tmp/roost.log" <<'EOF'
+import json, re, sys
+spans = [json.loads(l) for l in open(sys.argv[1])]
+log = open(sys.argv[2]).read().splitlines()
+problems = []
+for nsid in ["com.atproto.server.createSession", "com.atproto.repo.createRecord", "com.atproto.repo.getRecord"]:
+    traced = {s["trace_id"] for s in spans if s["name"] == f"xrpc {nsid}"}
+    logged = {m.group(1) for l in log if f"rpc.method={nsid}" in l
+              for m in [re.search(r"trace_id=([0-9a-f]{32})", l)] if m}
+    print(f"{nsid}: {len(traced)} traces exported, {len(logged)} trace ids logged, {len(traced & logged)} in both")
+    if not logged:
+        problems.append(f"no log line of {nsid} carries a trace_id")
+    elif not logged & traced:
+        problems.append(f"{nsid}: no logged trace id was exported: {sorted(logged)}")
+print("\n".join(problems))
+sys.exit(1 if problems else 0)
+EOF
+}
+check "native: Roost's log lines carry the trace ids of the exported spans" check_trace_logs
 
 # --- /tls-check and on-demand TLS ---------------------------------------------------
 
@@ -371,6 +446,73 @@ check_contract() {
     while read -r m; do grep -q "^$m" "$tmp/metrics" || printf '%s ' "$m"; done)"
 }
 check "native: the metrics listener's roost_ names are all in the contract (metrics.txt)" check_contract
+
+# Prometheus 2.x's Accept header when it scrapes.
+prom_accept='application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1'
+check_openmetrics() {
+  curl -fsS -D "$tmp/om.headers" -H "Accept: $prom_accept" -o "$tmp/metrics.om" \
+    "http://127.0.0.1:$metrics_port/metrics" || return 1
+  grep -qi '^content-type: application/openmetrics-text; version=1.0.0; charset=utf-8' "$tmp/om.headers" ||
+    { grep -i '^content-type' "$tmp/om.headers"; return 1; }
+  "$py" - "$tmp/metrics.om" "$tmp/spans.jsonl" <<'EOF'
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+text = open(sys.argv[1]).read()
+traced = {json.loads(l)["trace_id"] for l in open(sys.argv[2])}
+families = list(text_string_to_metric_families(text))  # raises on anything invalid
+types = {f.name: f.type for f in families}
+exemplars = [s.exemplar for f in families for s in f.samples if s.exemplar]
+print(f"{len(families)} families ({sum(t == 'counter' for t in types.values())} counters), {len(exemplars)} exemplars")
+problems = []
+if types.get("roost_http_requests") != "counter":
+    problems.append(f"roost_http_requests is {types.get('roost_http_requests')}, not a counter family")
+if types.get("roost_http_request_duration_seconds") != "histogram":
+    problems.append("roost_http_request_duration_seconds is not a histogram")
+if "unknown" in types.values():
+    problems.append(f"families of unknown type: {sorted(n for n, t in types.items() if t == 'unknown')}")
+ids = {e.labels.get("trace_id") for e in exemplars}
+if not ids & traced:
+    problems.append(f"no exemplar trace id among the exported traces: {sorted(ids)[:5]}")
+print("\n".join(problems))
+sys.exit(1 if problems else 0)
+EOF
+}
+check "native: asked like Prometheus asks, /metrics is valid OpenMetrics (prometheus_client parser) with trace exemplars" \
+  check_openmetrics
+
+# Prometheus scrapes OpenMetrics and stores the exemplars: at least one links
+# to a trace the collector received, under the span of the same XRPC method.
+check_exemplars() {
+  local deadline=$((SECONDS + 45))
+  while :; do
+    curl -fsS --max-time 10 "$prom/api/v1/query_exemplars" \
+      --data-urlencode 'query=roost_http_request_duration_seconds_bucket{job="pds"}' \
+      --data-urlencode "start=$(($(date +%s) - 3600))" --data-urlencode "end=$(($(date +%s) + 60))" \
+      >"$tmp/exemplars.json" || return 1
+    "$py" "$bundle_dir/otlp_sink.py" spans "$tmp/otlp" >"$tmp/spans-now.jsonl" || return 1
+    "$py" - "$tmp/exemplars.json" "$tmp/spans-now.jsonl" <<'EOF' && return 0
+import json, sys
+data = json.load(open(sys.argv[1]))["data"]
+servers = {}
+for line in open(sys.argv[2]):
+    s = json.loads(line)
+    if s["name"].startswith("xrpc ") or s["name"].startswith("GET ") or s["name"].startswith("POST "):
+        servers[s["trace_id"]] = s["name"]
+found = [(d["seriesLabels"].get("method"), d["seriesLabels"].get("le"), e["labels"].get("trace_id"))
+         for d in data for e in d["exemplars"]]
+linked = [(m, le, t, servers[t]) for m, le, t in found if t in servers]
+print(f"{len(found)} exemplars in Prometheus, {len(linked)} with a trace the collector received")
+for m, le, t, n in linked[:5]:
+    print(f"  method={m} le={le} trace_id={t} -> span {n!r}")
+wrong = [(m, n) for m, _, _, n in linked if m != "other" and n != f"xrpc {m}"]
+print("exemplars under another method's span:", wrong) if wrong else None
+sys.exit(0 if linked and not wrong else 1)
+EOF
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 2
+  done
+}
+check "native: Prometheus stored latency exemplars whose trace ids are exported traces (query_exemplars)" check_exemplars
 
 if [ "$bundle_failed" -ne 0 ]; then
   for f in caddy roost prometheus; do
