@@ -832,6 +832,7 @@ async fn verify_passes_a_fresh_backup_and_names_each_kind_of_damage() {
         "{last}"
     );
     let report = assert_verifies(&out).await;
+    assert_eq!((report.accounts, report.records, report.blobs), (1, 121, 1), "{report:?}");
     let blob_file =
         std::fs::read_dir(out.join("blobs")).expect("blobs").next().expect("a dir").expect("entry").path();
     let blob_rel = format!("blobs/{}/{blob_cid}", blob_file.file_name().expect("name").to_string_lossy());
@@ -925,7 +926,6 @@ async fn verify_passes_a_fresh_backup_and_names_each_kind_of_damage() {
     let (code, stdout) = roost_verify(&work.path().join("bad-sig")).await;
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("manifest: none"), "{stdout}");
-    let _ = report;
 }
 
 // ---------------------------------------------------------------------------
