@@ -4,7 +4,9 @@
 //!
 //! Traces are off by default and then cost nothing beyond the request span
 //! the logs already had: no OpenTelemetry layer is installed and the span's
-//! OpenTelemetry-only fields stay empty. This module owns no business logic.
+//! OpenTelemetry-only fields stay empty; the DB spans ([`db_span`]) and the
+//! outbound HTTP spans ([`send`]) are not even created. This module owns no
+//! business logic.
 
 pub mod metrics;
 pub mod openmetrics;
@@ -61,7 +63,7 @@ impl Drop for Telemetry {
 /// `OTEL_EXPORTER_OTLP_HEADERS`.
 pub fn init(otlp: bool) -> anyhow::Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let fmt =
         tracing_subscriber::fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.trim().is_empty());
@@ -70,22 +72,9 @@ pub fn init(otlp: bool) -> anyhow::Result<Telemetry> {
         _ => None,
     };
     // Each layer has its own filter: quieting the logs with RUST_LOG=warn must not
-    // silently stop the (INFO-level) request spans from being exported. The
-    // exporter's own HTTP stack stays out of traces, which would otherwise feed
-    // themselves.
+    // silently stop the (INFO-level) request spans from being exported.
     let otel = provider.as_ref().map(|p| {
-        let spans = tracing_subscriber::filter::Targets::new()
-            .with_default(tracing::Level::INFO)
-            .with_target("sqlx", tracing::Level::WARN)
-            .with_target("opentelemetry", tracing::Level::WARN)
-            .with_target("opentelemetry_sdk", tracing::Level::WARN)
-            .with_target("opentelemetry_otlp", tracing::Level::WARN)
-            .with_target("reqwest", tracing::Level::WARN)
-            .with_target("hyper", tracing::Level::WARN)
-            .with_target("hyper_util", tracing::Level::WARN)
-            .with_target("h2", tracing::Level::WARN)
-            .with_target(DB_TARGET, tracing::Level::DEBUG)
-            .with_target(OUTBOUND_TARGET, tracing::Level::DEBUG);
+        let spans = traces_filter();
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("roost"))
             .with_tracked_inactivity(false)
@@ -98,6 +87,27 @@ pub fn init(otlp: bool) -> anyhow::Result<Telemetry> {
         tracing::info!("exporting traces over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT)");
     }
     Ok(Telemetry { provider })
+}
+
+/// The log layer's filter when `RUST_LOG` is unset.
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
+
+/// What the OTLP layer exports: INFO (the request and `apply_writes` spans)
+/// and the DEBUG DB and outbound spans. The exporter's own HTTP stack stays
+/// out of traces, which would otherwise feed themselves.
+fn traces_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::INFO)
+        .with_target("sqlx", tracing::Level::WARN)
+        .with_target("opentelemetry", tracing::Level::WARN)
+        .with_target("opentelemetry_sdk", tracing::Level::WARN)
+        .with_target("opentelemetry_otlp", tracing::Level::WARN)
+        .with_target("reqwest", tracing::Level::WARN)
+        .with_target("hyper", tracing::Level::WARN)
+        .with_target("hyper_util", tracing::Level::WARN)
+        .with_target("h2", tracing::Level::WARN)
+        .with_target(DB_TARGET, tracing::Level::DEBUG)
+        .with_target(OUTBOUND_TARGET, tracing::Level::DEBUG)
 }
 
 fn tracer_provider() -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
@@ -348,6 +358,36 @@ mod tests {
         );
         check("https://plc.directory/did:plc:abc/log/last", "https://plc.directory/did:plc:abc/log/last");
         check("http://user@127.0.0.1:2582/x?token=abc", "http://127.0.0.1:2582/x");
+    }
+
+    #[test]
+    fn db_and_outbound_spans_go_to_traces_only() {
+        use tracing::Subscriber as _;
+        use tracing_subscriber::filter::LevelFilter;
+        let traces = traces_filter();
+        for target in [DB_TARGET, OUTBOUND_TARGET] {
+            assert!(traces.would_enable(target, &tracing::Level::DEBUG), "{target}");
+        }
+        assert!(!traces.would_enable("reqwest", &tracing::Level::INFO));
+        let logs = || {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::sink)
+                .with_filter(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
+        };
+        // Traces off: the log layer alone caps the max level at INFO, so the
+        // DEBUG spans stop at the macro's level check.
+        let off = tracing_subscriber::registry().with(logs());
+        assert_eq!(off.max_level_hint(), Some(LevelFilter::INFO));
+        tracing::subscriber::with_default(off, || {
+            assert!(db_span("record").is_disabled());
+        });
+        // Traces on: enabled for the traces layer (and still filtered out of the logs).
+        let on = tracing_subscriber::registry()
+            .with(logs())
+            .with(tracing_subscriber::layer::Identity::new().with_filter(traces_filter()));
+        tracing::subscriber::with_default(on, || {
+            assert!(!db_span("record").is_disabled());
+        });
     }
 
     #[tokio::test]
