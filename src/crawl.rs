@@ -14,7 +14,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
 pub async fn request_crawl(http: &reqwest::Client, relay: &str, hostname: &str) -> anyhow::Result<()> {
     let base = if relay.contains("://") { relay.to_owned() } else { format!("https://{relay}") };
     let url = format!("{}/xrpc/com.atproto.sync.requestCrawl", base.trim_end_matches('/'));
-    let resp = http.post(&url).json(&serde_json::json!({ "hostname": hostname })).send().await?;
+    let request = http.post(&url).json(&serde_json::json!({ "hostname": hostname }));
+    let resp = crate::telemetry::send(request).await?;
     let status = resp.status();
     if status.is_success() {
         Ok(())

@@ -53,7 +53,9 @@ impl HandleResolver {
 
     async fn resolve_well_known(&self, handle: &str) -> Option<String> {
         let response =
-            self.http.get(format!("https://{handle}/.well-known/atproto-did")).send().await.ok()?;
+            crate::telemetry::send(self.http.get(format!("https://{handle}/.well-known/atproto-did")))
+                .await
+                .ok()?;
         if !response.status().is_success() {
             return None;
         }

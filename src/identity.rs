@@ -216,7 +216,9 @@ impl PlcClient {
     /// same genesis (a resumed first start) counts as success.
     pub async fn submit(&self, did: &str, op: &Value) -> anyhow::Result<()> {
         let url = format!("{}/{}", self.base, did);
-        let resp = self.http.post(&url).json(op).send().await.with_context(|| format!("POST {url}"))?;
+        let resp = crate::telemetry::send(self.http.post(&url).json(op))
+            .await
+            .with_context(|| format!("POST {url}"))?;
         if resp.status().is_success() {
             return Ok(());
         }
@@ -235,7 +237,7 @@ impl PlcClient {
     /// The operation at the head of `did`'s log (`prev` for the next one).
     pub async fn last_op(&self, did: &str) -> anyhow::Result<Value> {
         let url = format!("{}/{}/log/last", self.base, did);
-        let resp = self.http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let resp = crate::telemetry::send(self.http.get(&url)).await.with_context(|| format!("GET {url}"))?;
         if !resp.status().is_success() {
             anyhow::bail!("PLC directory has no log for {did} ({})", resp.status());
         }
@@ -243,7 +245,7 @@ impl PlcClient {
     }
 
     pub async fn has_did(&self, did: &str) -> anyhow::Result<bool> {
-        let resp = self.http.get(format!("{}/{}", self.base, did)).send().await?;
+        let resp = crate::telemetry::send(self.http.get(format!("{}/{}", self.base, did))).await?;
         Ok(resp.status().is_success())
     }
 }

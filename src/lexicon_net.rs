@@ -231,7 +231,9 @@ impl NetworkFetcher {
     }
 
     async fn get_json(&self, client: &reqwest::Client, url: reqwest::Url) -> anyhow::Result<Value> {
-        let mut resp = client.get(url.clone()).send().await.with_context(|| format!("fetching {url}"))?;
+        let mut resp = crate::telemetry::send(client.get(url.clone()))
+            .await
+            .with_context(|| format!("fetching {url}"))?;
         if !resp.status().is_success() {
             bail!("{url}: HTTP {}", resp.status());
         }

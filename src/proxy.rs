@@ -286,7 +286,8 @@ impl DidResolver {
         } else {
             return Err(ProxyError::UnresolvableDid);
         };
-        let response = client.get(&url).send().await.map_err(|_| ProxyError::UnresolvableDid)?;
+        let response =
+            crate::telemetry::send(client.get(&url)).await.map_err(|_| ProxyError::UnresolvableDid)?;
         if !response.status().is_success() {
             return Err(ProxyError::UnresolvableDid);
         }

@@ -531,52 +531,55 @@ impl RepoService {
         let time = now_datetime();
 
         let _seq_guard = self.sequencer.write_lock().await;
-        let tx_started = std::time::Instant::now();
-        let mut tx = self.db.begin_write().await?;
-        crate::db::repo::persist_commit_in(
-            &mut tx,
-            CommitWrite {
-                did,
-                previous_commit: Some(root.commit_cid),
-                root: new_root,
-                new_blocks: &new_blocks,
-                removed_blocks: &removed,
-                upserts: &upserts,
-                deletes: &deletes,
-                released_record_cids: &released,
-            },
-        )
-        .await
-        .map_err(persist_error)?;
-        check_claimed_blobs_in(&mut tx, did, &blob_added).await?;
-        // An update may re-link the blobs it had: links are cleared first.
-        let links: Vec<BlobLink> = blob_added
-            .iter()
-            .map(|b| BlobLink { collection: &b.collection, rkey: &b.rkey, cid: b.cid.clone() })
-            .collect();
-        crate::db::blobs::relink_in(&mut tx, did, rev.as_str(), &blob_cleared, &links).await?;
-        let frame = if too_big {
-            // Too large to ship as a diff: consumers re-sync from the commit.
-            let car = car_of(signed.cid, &[(signed.cid, &signed.bytes)]);
-            append_event(&mut tx, did, "sync", |seq| {
-                Ok(event::sync_frame(seq, did, car, rev.as_str(), &time)?)
-            })
-            .await?
-        } else {
-            let e = CommitEvent {
-                did,
-                commit: signed.cid,
-                rev: rev.as_str(),
-                since: Some(&root.rev),
-                prev_data: Some(root.data_cid),
-                blocks: commit_car,
-                ops: &ops,
-                time: &time,
+        // The whole transaction, in the DB latency histogram and as one span.
+        let frame = crate::telemetry::metrics::timed("commit", async {
+            let mut tx = self.db.begin_write().await?;
+            crate::db::repo::persist_commit_in(
+                &mut tx,
+                CommitWrite {
+                    did,
+                    previous_commit: Some(root.commit_cid),
+                    root: new_root,
+                    new_blocks: &new_blocks,
+                    removed_blocks: &removed,
+                    upserts: &upserts,
+                    deletes: &deletes,
+                    released_record_cids: &released,
+                },
+            )
+            .await
+            .map_err(persist_error)?;
+            check_claimed_blobs_in(&mut tx, did, &blob_added).await?;
+            // An update may re-link the blobs it had: links are cleared first.
+            let links: Vec<BlobLink> = blob_added
+                .iter()
+                .map(|b| BlobLink { collection: &b.collection, rkey: &b.rkey, cid: b.cid.clone() })
+                .collect();
+            crate::db::blobs::relink_in(&mut tx, did, rev.as_str(), &blob_cleared, &links).await?;
+            let frame = if too_big {
+                // Too large to ship as a diff: consumers re-sync from the commit.
+                let car = car_of(signed.cid, &[(signed.cid, &signed.bytes)]);
+                append_event(&mut tx, did, "sync", |seq| {
+                    Ok(event::sync_frame(seq, did, car, rev.as_str(), &time)?)
+                })
+                .await?
+            } else {
+                let e = CommitEvent {
+                    did,
+                    commit: signed.cid,
+                    rev: rev.as_str(),
+                    since: Some(&root.rev),
+                    prev_data: Some(root.data_cid),
+                    blocks: commit_car,
+                    ops: &ops,
+                    time: &time,
+                };
+                append_event(&mut tx, did, "commit", |seq| Ok(event::commit_frame(seq, &e)?)).await?
             };
-            append_event(&mut tx, did, "commit", |seq| Ok(event::commit_frame(seq, &e)?)).await?
-        };
-        tx.commit().await?;
-        crate::telemetry::metrics::observe_db("commit", tx_started.elapsed());
+            tx.commit().await?;
+            Ok::<_, RepoError>(frame)
+        })
+        .await?;
         let count = |action: &str| ops.iter().filter(|op| op.action == action).count() as u64;
         crate::telemetry::metrics::record_commit(
             count("create"),

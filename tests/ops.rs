@@ -1086,3 +1086,169 @@ async fn otlp_traces_name_spans_by_nsid_and_logs_and_latency_exemplars_carry_tra
     let caller_trace_bytes = hex::decode(caller_trace).expect("hex");
     assert!(contains(&all, &caller_trace_bytes), "exported under the caller's trace id");
 }
+
+/// One exported span, flattened from the collector's OTLP requests.
+#[derive(Debug, Clone)]
+struct ExportedSpan {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    name: String,
+    kind: i32,
+    attributes: BTreeMap<String, String>,
+}
+
+fn exported_spans(seen: &Received) -> Vec<ExportedSpan> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message as _;
+    let mut spans = Vec::new();
+    for (_, body) in seen.lock().expect("collector").iter() {
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+        for span in request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+            let attributes = span
+                .attributes
+                .iter()
+                .map(|kv| {
+                    let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(Any::StringValue(s)) => s.clone(),
+                        Some(Any::IntValue(i)) => i.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (kv.key.clone(), value)
+                })
+                .collect();
+            spans.push(ExportedSpan {
+                trace_id: hex::encode(&span.trace_id),
+                span_id: hex::encode(&span.span_id),
+                parent_span_id: hex::encode(&span.parent_span_id),
+                name: span.name.clone(),
+                kind: span.kind,
+                attributes,
+            });
+        }
+    }
+    spans
+}
+
+/// Whether `span` descends from the span `ancestor` (same trace).
+fn descends_from(spans: &[ExportedSpan], span: &ExportedSpan, ancestor: &ExportedSpan) -> bool {
+    let mut parent = span.parent_span_id.clone();
+    while !parent.is_empty() {
+        if parent == ancestor.span_id {
+            return true;
+        }
+        match spans.iter().find(|s| s.span_id == parent && s.trace_id == span.trace_id) {
+            Some(p) => parent = p.parent_span_id.clone(),
+            None => return false,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_traces_have_sqlite_and_outbound_client_spans_and_upstreams_get_the_traceparent() {
+    const SPAN_KIND_CLIENT: i32 = 3;
+    let plc = MockPlc::start().await;
+    let (collector, seen) = start_collector().await;
+    // A stub AppView that remembers the traceparent of each call.
+    let traceparents: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let record = traceparents.clone();
+    let appview_router = axum::Router::new().route(
+        "/xrpc/app.bsky.actor.getProfile",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let header = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            record.lock().expect("appview").push(header);
+            async { axum::Json(json!({ "did": "did:plc:someone", "handle": "someone.test" })) }
+        }),
+    );
+    let appview_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind appview");
+    let appview_port = appview_listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(appview_listener, appview_router).await;
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(
+        work.path(),
+        &plc.url,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+            ("PDS_BSKY_APP_VIEW_URL", format!("http://127.0.0.1:{appview_port}")),
+            ("PDS_BSKY_APP_VIEW_DID", "did:web:appview.test".into()),
+            ("PDS_DISABLE_SSRF_PROTECTION", "true".into()),
+        ],
+    )
+    .await;
+    let x = server.xrpc();
+    let (access, _) = x.login_as(HANDLE, PASSWORD).await;
+    let did = x.get("com.atproto.identity.resolveHandle", &[("handle", HANDLE)]).await.1["did"]
+        .as_str()
+        .expect("did")
+        .to_owned();
+    let body = json!({ "repo": did, "collection": ITEM, "rkey": "traced", "record": item(1) });
+    let (status, out) = x.post("com.atproto.repo.createRecord", Some(&access), &body).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, out) = x.get_auth("app.bsky.actor.getProfile", &access, &[("actor", "someone.test")]).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, _) = server.terminate().await;
+    assert!(status.success(), "{}", server.log_tail());
+
+    let spans = exported_spans(&seen);
+    let named = |name: &str| -> ExportedSpan {
+        let found: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(found.len(), 1, "{name}: {spans:#?}");
+        found[0].clone()
+    };
+    // The write: its SQLite calls and its commit transaction are children
+    // of the request span, in its trace.
+    let create = named("xrpc com.atproto.repo.createRecord");
+    let sqlite: Vec<_> =
+        spans.iter().filter(|s| s.trace_id == create.trace_id && s.name.starts_with("sqlite ")).collect();
+    let names: BTreeSet<&str> = sqlite.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains("sqlite commit") && names.contains("sqlite repo_root"), "{spans:#?}");
+    for span in &sqlite {
+        assert!(descends_from(&spans, span, &create), "{span:?}");
+        assert_eq!(span.kind, SPAN_KIND_CLIENT, "{span:?}");
+        assert_eq!(span.attributes["db.system.name"], "sqlite", "{span:?}");
+        assert_eq!(span.name.strip_prefix("sqlite "), Some(span.attributes["db.operation.name"].as_str()));
+    }
+    // The proxied call: a client span under the request span, and the
+    // AppView got the client span's context.
+    let port = appview_port.to_string();
+    let client = spans
+        .iter()
+        .find(|s| s.attributes.get("server.port") == Some(&port))
+        .unwrap_or_else(|| panic!("no client span for the AppView: {spans:#?}"))
+        .clone();
+    assert_eq!(client.name, "GET 127.0.0.1");
+    // Proxied methods are not in the router table: their request span shares
+    // the name of every other unrouted NSID.
+    let profile = spans
+        .iter()
+        .find(|s| s.trace_id == client.trace_id && s.parent_span_id.is_empty())
+        .expect("the proxied request's span");
+    assert_eq!(profile.name, "xrpc other");
+    assert!(descends_from(&spans, &client, profile), "{client:?}");
+    assert_eq!(client.kind, SPAN_KIND_CLIENT);
+    assert_eq!(client.attributes["server.address"], "127.0.0.1");
+    assert_eq!(client.attributes["server.port"], appview_port.to_string());
+    assert_eq!(client.attributes["http.request.method"], "GET");
+    assert_eq!(client.attributes["http.response.status_code"], "200");
+    assert_eq!(
+        client.attributes["url.full"],
+        format!("http://127.0.0.1:{appview_port}/xrpc/app.bsky.actor.getProfile"),
+        "no query string"
+    );
+    let traceparents = traceparents.lock().expect("appview");
+    assert_eq!(
+        traceparents.as_slice(),
+        [Some(format!("00-{}-{}-01", profile.trace_id, client.span_id))],
+        "the AppView joins the request's trace"
+    );
+    // The PLC directory calls of account creation at start are client spans too.
+    assert!(
+        spans.iter().any(|s| s.kind == SPAN_KIND_CLIENT
+            && s.attributes.get("url.full").is_some_and(|u| u.starts_with(&plc.url))),
+        "{spans:#?}"
+    );
+}

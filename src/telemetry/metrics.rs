@@ -278,19 +278,15 @@ fn status_label(status: StatusCode) -> String {
     status.as_str().to_owned()
 }
 
-/// Times one database call into `roost_db_query_duration_seconds{op}`. One
+/// Times one database call (or one whole write transaction) into
+/// `roost_db_query_duration_seconds{op}`, and makes it a `sqlite <op>` span
+/// in the traces (see [`super::db_span`]; nothing when traces are off). One
 /// clock read on each side and a registry lookup: cheap next to SQLite.
 pub async fn timed<T>(op: &'static str, fut: impl Future<Output = T>) -> T {
     let start = Instant::now();
-    let out = fut.await;
+    let out = fut.instrument(super::db_span(op)).await;
     histogram!(DB_QUERY_DURATION, "op" => op).record(start.elapsed());
     out
-}
-
-/// Records the latency of a database step timed by hand (e.g. a whole write
-/// transaction, which spans several calls).
-pub fn observe_db(op: &'static str, elapsed: Duration) {
-    histogram!(DB_QUERY_DURATION, "op" => op).record(elapsed);
 }
 
 /// Counts one persisted commit.

@@ -132,7 +132,8 @@ async fn forward_inner(
         }
         outbound = outbound.body(reqwest::Body::wrap_stream(limited(body, MAX_REQUEST_BYTES)));
     }
-    let response = outbound.send().await.map_err(|e| {
+    // The span ends with the response headers; the body streams after it.
+    let response = crate::telemetry::send(outbound).await.map_err(|e| {
         tracing::warn!(upstream = %target.aud, error = %e, "proxied call failed");
         fail(if e.is_timeout() {
             XrpcError::new(StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout", "Upstream service timed out")
@@ -436,7 +437,7 @@ async fn fetch_json(
     };
     let token = crate::service_auth::mint(&key, did, &target.aud, Some(nsid), None);
     let request = state.outbound.get(url).bearer_auth(token).header(header::ACCEPT_ENCODING, "identity");
-    let response = match request.send().await {
+    let response = match crate::telemetry::send(request).await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             tracing::debug!(upstream = %target.aud, nsid, status = %r.status(), "read-after-write query failed");

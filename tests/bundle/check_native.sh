@@ -15,7 +15,7 @@
 #   - traces: Roost exports over OTLP (OTEL_EXPORTER_OTLP_ENDPOINT) to a stand-in
 #     collector (otlp_sink.py, decoded with opentelemetry-proto): server spans
 #     named `xrpc <nsid>` for the login, the post and the read-back, and the
-#     write path's `apply_writes` span inside the post's trace; Roost's log
+#     write path's `apply_writes` and `sqlite <op>` spans inside the post's trace; Roost's log
 #     lines carry the same trace ids;
 #   - /tls-check (asked by Caddy, on Roost's listener) allows the hostname and
 #     an existing handle and refuses others; Caddy issues a certificate for the
@@ -208,6 +208,8 @@ for nsid in ["com.atproto.server.createSession", "com.atproto.repo.createRecord"
 posts = {s["trace_id"] for s in spans if s["name"] == "xrpc com.atproto.repo.createRecord"}
 if posts and not any(s["name"] == "apply_writes" and s["trace_id"] in posts for s in spans):
     problems.append("no apply_writes span in a createRecord trace")
+if posts and not any(s["name"].startswith("sqlite ") and s["trace_id"] in posts for s in spans):
+    problems.append("no 'sqlite <op>' span in a createRecord trace")
 if any(len(s["trace_id"]) != 32 or set(s["trace_id"]) == {"0"} for s in spans):
     problems.append("a span without a valid trace id")
 print(f"{len(spans)} spans: {sorted({s['name'] for s in spans})}")
@@ -218,7 +220,7 @@ EOF
     sleep 1
   done
 }
-check "native: Roost exports spans over OTLP named by XRPC method (xrpc com.atproto.repo.createRecord, apply_writes in it)" check_traces
+check "native: Roost exports spans over OTLP named by XRPC method (xrpc com.atproto.repo.createRecord, apply_writes and sqlite spans in it)" check_traces
 
 check_trace_logs() {
   "$py" - "$tmp/spans.jsonl" "$tmp/roost.log" <<'EOF'
