@@ -10,25 +10,25 @@
 //!
 //! Every URL here except the configured PLC directory comes from someone
 //! else's DNS or DID document, so requests go through [`guarded_client`]:
-//! HTTPS only, no redirects, size and time limits, and a DNS resolver that
-//! refuses loopback, private, link-local and other non-public addresses
-//! (dev mode allows them, for local test networks). The check runs on the
-//! addresses actually connected to, so a name cannot pass the check and
-//! then resolve elsewhere.
+//! HTTPS only, no redirects, size and time limits, and the guard of
+//! [`crate::net`], which refuses loopback, private, link-local and other
+//! non-public addresses (dev mode allows them, for local test networks).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use serde_json::Value;
 
 use crate::atp::syntax::{AtUri, Did, Nsid};
 use crate::lexicon::Catalog;
 use crate::lexicon::resolve::{LexiconCache, LexiconFetcher, Resolver};
+use crate::net::Refusal;
+pub use crate::net::{HickoryTxt, TxtLookup};
 
 /// How long one resolution (all its lookups together) may take on the
 /// write path before the record is treated as of an unknown lexicon.
@@ -40,48 +40,6 @@ const FAILED_TTL: Duration = Duration::from_secs(300);
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// DNS TXT lookups, behind a trait so tests answer without a DNS server.
-pub trait TxtLookup: Send + Sync {
-    /// The TXT values at `name`; empty when the name has none.
-    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<String>, String>>;
-}
-
-/// The system's DNS, through hickory (the resolver `/etc/resolv.conf` names).
-pub struct HickoryTxt(hickory_resolver::TokioResolver);
-
-impl HickoryTxt {
-    /// # Errors
-    /// The system DNS configuration cannot be read.
-    pub fn from_system() -> anyhow::Result<Self> {
-        let resolver = hickory_resolver::TokioResolver::builder_tokio()
-            .context("reading the system DNS configuration")?
-            .build()
-            .context("building the DNS resolver")?;
-        Ok(Self(resolver))
-    }
-}
-
-impl TxtLookup for HickoryTxt {
-    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Vec<String>, String>> {
-        Box::pin(async move {
-            match self.0.txt_lookup(name).await {
-                Ok(lookup) => Ok(lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|record| match &record.data {
-                        hickory_resolver::proto::rr::RData::TXT(txt) => Some(
-                            txt.txt_data.iter().map(|part| String::from_utf8_lossy(part)).collect::<String>(),
-                        ),
-                        _ => None,
-                    })
-                    .collect()),
-                Err(e) if e.is_no_records_found() => Ok(Vec::new()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-    }
-}
 
 /// Operator-pinned authorities (`PDS_LEXICON_AUTHORITIES`), answered as if
 /// DNS had said `did=<DID>`, in front of another lookup (or none).
@@ -116,77 +74,12 @@ impl TxtLookup for PinnedTxt {
     }
 }
 
-/// Whether `ip` may be fetched from outside dev mode: a globally routable
-/// unicast address (what `IpAddr::is_global` will say once stable).
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_unspecified()
-                || v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.is_multicast()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT
-                || (a == 192 && b == 0)                 // IETF protocol assignments
-                || (a == 198 && (18..20).contains(&b))  // benchmarking
-                || a >= 240)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            !(v6.is_unspecified()
-                || v6.is_loopback()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link local
-                || first == 0x2001 && v6.segments()[1] == 0x0db8 // documentation
-                || first == 0x0064 && v6.segments()[1] == 0xff9b) // NAT64 can reach private v4
-        }
-    }
-}
-
-/// reqwest's resolver hook: the system resolver, minus non-public
-/// addresses unless `allow_private`.
-struct GuardedDns {
-    allow_private: bool,
-}
-
-impl reqwest::dns::Resolve for GuardedDns {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|addr| allow_private || is_public(addr.ip()))
-                .collect();
-            if addrs.is_empty() {
-                let msg = format!("{host} has no public address");
-                return Err(Box::new(std::io::Error::other(msg)) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// The HTTP client for URLs learnt from the network (see the module doc).
 ///
 /// # Errors
 /// The TLS backend cannot be set up.
 pub fn guarded_client(allow_private: bool) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
-        .timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
-        .dns_resolver(Arc::new(GuardedDns { allow_private }))
-        .build()?)
+    Ok(crate::net::client_builder(!allow_private).timeout(Duration::from_secs(10)).build()?)
 }
 
 /// Fetches DNS answers, DID documents and schema records.
@@ -215,19 +108,12 @@ impl NetworkFetcher {
     /// addresses are allowed, i.e. dev mode), and an IP-literal host must be
     /// public, since such a host never reaches the guarded resolver.
     fn check_url(&self, url: &reqwest::Url) -> anyhow::Result<()> {
-        match url.scheme() {
-            "https" => {}
-            "http" if self.allow_private => {}
-            other => bail!("refusing a {other}: URL from the network: {url}"),
-        }
-        let Some(host) = url.host_str() else { bail!("no host in {url}") };
-        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>()
-            && !self.allow_private
-            && !is_public(ip)
-        {
-            bail!("refusing non-public address {ip}");
-        }
-        Ok(())
+        crate::net::check_url(url, self.allow_private, !self.allow_private).map_err(|refusal| match refusal {
+            Refusal::Scheme(other) => anyhow!("refusing a {other}: URL from the network: {url}"),
+            Refusal::NoHost => anyhow!("no host in {url}"),
+            Refusal::Localhost => anyhow!("refusing non-public host localhost"),
+            Refusal::Address(ip) => anyhow!("refusing non-public address {ip}"),
+        })
     }
 
     async fn get_json(&self, client: &reqwest::Client, url: reqwest::Url) -> anyhow::Result<Value> {
@@ -374,29 +260,6 @@ impl Lexicons {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_public_addresses_pass() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "64:ff9b::a00:1",
-        ] {
-            assert!(!is_public(private.parse().expect("ip")), "{private}");
-        }
-        for public in ["1.1.1.1", "8.8.8.8", "2606:4700::1111"] {
-            assert!(is_public(public.parse().expect("ip")), "{public}");
-        }
-    }
 
     #[test]
     fn the_pds_endpoint_is_the_atproto_pds_service() {

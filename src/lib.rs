@@ -16,6 +16,7 @@ pub mod identity;
 pub mod lexicon;
 pub mod lexicon_net;
 pub mod lexicon_store;
+pub mod net;
 pub mod progress;
 pub mod proxy;
 pub mod ratelimit;

@@ -4,11 +4,10 @@
 //! The target is the `atproto-proxy` header (`did#service_id`, resolved
 //! through the DID document) or the configured default for the method's
 //! namespace. Each call carries a service-auth JWT from [`crate::service_auth`].
-//! Outbound connections refuse private and loopback addresses (checked after
-//! DNS resolution, so a hostname cannot smuggle one in) unless
-//! `PDS_DISABLE_SSRF_PROTECTION=true`.
+//! Outbound connections go through the guard in [`crate::net`] (private and
+//! loopback addresses refused, checked after DNS resolution, so a hostname
+//! cannot smuggle one in) unless `PDS_DISABLE_SSRF_PROTECTION=true`.
 
-use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::{ProxyConfig, ServiceEndpoint};
+use crate::net::Refusal;
 
 /// Account-management methods that must be called on the PDS directly, never
 /// proxied or service-authed (the reference PDS's list).
@@ -129,95 +129,26 @@ pub fn service_endpoint(doc: &Value, did: &str, id: &str) -> Option<String> {
     })
 }
 
-/// Whether an address is reachable on the public internet. Written out
-/// because `IpAddr::is_global` is still unstable; covers the special-purpose
-/// ranges an attacker could aim a proxy at.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-                || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF protocol assignments
-                || (a == 198 && (b == 18 || b == 19)) // benchmarking
-                || a >= 240) // reserved
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link local
-                || first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
-        }
-    }
-}
-
-/// A DNS resolver for reqwest that drops non-public addresses, so the check
-/// applies to the address actually connected to (no rebinding window).
-struct PublicOnlyResolver;
-
-impl reqwest::dns::Resolve for PublicOnlyResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| is_public(a.ip())).collect();
-            if public.is_empty() {
-                return Err(format!("{host} resolves to no public address").into());
-            }
-            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// An HTTP client for untrusted destinations: public addresses only (unless
 /// disabled for tests), no redirects, bounded time.
 pub fn outbound_client(config: &ProxyConfig) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("roost/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(5))
+    Ok(crate::net::client_builder(!config.disable_ssrf_protection)
         .read_timeout(Duration::from_secs(config.timeout_secs))
-        .redirect(reqwest::redirect::Policy::none());
-    if !config.disable_ssrf_protection {
-        builder = builder.dns_resolver(Arc::new(PublicOnlyResolver));
-    }
-    Ok(builder.build()?)
+        .build()?)
 }
 
 /// Checks a URL's scheme and, for IP literals (which skip DNS), the address.
 pub fn check_url(url: &str, config: &ProxyConfig, dev_mode: bool) -> Result<reqwest::Url, ProxyError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| ProxyError::Forbidden(format!("invalid url {url}")))?;
-    match parsed.scheme() {
-        "https" => {}
-        "http" if dev_mode || config.disable_ssrf_protection => {}
-        other => return Err(ProxyError::Forbidden(format!("scheme {other}"))),
-    }
-    if !config.disable_ssrf_protection {
-        let ip = match parsed.host() {
-            Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
-            Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") => {
-                return Err(ProxyError::Forbidden("localhost".into()));
-            }
-            Some(url::Host::Domain(_)) => None,
-            None => return Err(ProxyError::Forbidden("no host".into())),
-        };
-        if let Some(ip) = ip.filter(|ip| !is_public(*ip)) {
-            return Err(ProxyError::Forbidden(ip.to_string()));
-        }
-    }
+    let allow_http = dev_mode || config.disable_ssrf_protection;
+    crate::net::check_url(&parsed, allow_http, !config.disable_ssrf_protection).map_err(|refusal| {
+        ProxyError::Forbidden(match refusal {
+            Refusal::Scheme(other) => format!("scheme {other}"),
+            Refusal::NoHost => "no host".into(),
+            Refusal::Localhost => "localhost".into(),
+            Refusal::Address(ip) => ip.to_string(),
+        })
+    })?;
     Ok(parsed)
 }
 
@@ -363,36 +294,6 @@ mod tests {
             Some("https://notif")
         );
         assert_eq!(service_endpoint(&doc, "did:web:api.bsky.app", "#nope"), None);
-    }
-
-    #[test]
-    fn private_and_special_addresses_are_not_public() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "255.255.255.255",
-            "224.0.0.1",
-            "::1",
-            "::",
-            "fc00::1",
-            "fd12::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1",
-            "2001:db8::1",
-            "198.18.0.1",
-            "240.0.0.1",
-        ] {
-            assert!(!is_public(ip.parse().expect("ip")), "{ip} must not be public");
-        }
-        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111", "::ffff:1.1.1.1"] {
-            assert!(is_public(ip.parse().expect("ip")), "{ip} is public");
-        }
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl RateLimits {
 /// claims and never used. A peer on a public address is a client talking
 /// to us directly, so its header is ignored too.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_proxies: usize) -> IpAddr {
-    if trusted_proxies == 0 || crate::proxy::is_public(peer) {
+    if trusted_proxies == 0 || crate::net::is_public(peer) {
         return peer;
     }
     let entries: Vec<IpAddr> = headers
