@@ -2,22 +2,21 @@
 //! domains must already point at the account, by DNS TXT `_atproto.<handle>`
 //! (`did=<did>`) or `https://<handle>/.well-known/atproto-did` (the handle spec).
 
-use hickory_resolver::TokioResolver;
-use hickory_resolver::proto::rr::RData;
+use crate::net::{HickoryTxt, TxtLookup};
 
 /// A well-known answer is one DID; anything longer is not one.
 const MAX_WELL_KNOWN_BYTES: usize = 2048;
 
 pub struct HandleResolver {
-    dns: Option<TokioResolver>,
+    dns: Option<Box<dyn TxtLookup>>,
     /// SSRF-safe client (`crate::proxy::outbound_client`).
     http: reqwest::Client,
 }
 
 impl HandleResolver {
     pub fn new(http: reqwest::Client) -> Self {
-        let dns = match TokioResolver::builder_tokio().and_then(|b| b.build()) {
-            Ok(r) => Some(r),
+        let dns: Option<Box<dyn TxtLookup>> = match HickoryTxt::from_system() {
+            Ok(r) => Some(Box::new(r)),
             Err(e) => {
                 tracing::warn!(error = %e, "no DNS resolver configuration; handles resolve over HTTPS only");
                 None
@@ -35,15 +34,9 @@ impl HandleResolver {
     }
 
     async fn resolve_dns(&self, handle: &str) -> Option<String> {
-        let lookup = self.dns.as_ref()?.txt_lookup(format!("_atproto.{handle}.")).await.ok()?;
-        let dids: Vec<String> = lookup
-            .answers()
-            .iter()
-            .filter_map(|record| match &record.data {
-                RData::TXT(txt) => txt.to_string().strip_prefix("did=").map(str::to_owned),
-                _ => None,
-            })
-            .collect();
+        let records = self.dns.as_ref()?.txt(&format!("_atproto.{handle}.")).await.ok()?;
+        let dids: Vec<String> =
+            records.iter().filter_map(|txt| txt.strip_prefix("did=").map(str::to_owned)).collect();
         // More than one `did=` record is ambiguous: the spec says fail.
         match dids.as_slice() {
             [did] => Some(did.clone()),
