@@ -134,6 +134,13 @@ impl NetworkFetcher {
     }
 
     /// The DID document of `did`.
+    ///
+    /// Not `proxy::DidResolver`, on purpose: that one follows the proxy's
+    /// switch (`PDS_DISABLE_SSRF_PROTECTION`), so in dev mode it still refuses
+    /// local `did:web` hosts that lexicon resolution must reach; it serves plain
+    /// HTTP only to `localhost*` (here also to IP literals), caps documents at
+    /// 64 KiB (here 1 MiB), and caches successes for ten minutes where lexicon
+    /// resolution has its own cache with a shorter lifetime for failures.
     async fn did_document(&self, did: &Did) -> anyhow::Result<Value> {
         let did = did.as_str();
         let doc = if did.starts_with("did:plc:") {
