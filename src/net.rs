@@ -24,7 +24,7 @@ use anyhow::Context as _;
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_private()
                 || v4.is_loopback()
                 || v4.is_link_local()
@@ -34,7 +34,7 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-                || (a == 192 && b == 0) // IETF protocol assignments and neighbours
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments (192.0.0.0/24)
                 || (a == 198 && (b == 18 || b == 19)) // benchmarking
                 || a >= 240) // reserved
         }
@@ -176,7 +176,7 @@ mod tests {
             "255.255.255.255",
             "224.0.0.1",
             "192.0.0.1",
-            "192.0.1.1",
+            "192.0.2.1",
             "198.18.0.1",
             "240.0.0.1",
             "::1",
@@ -192,7 +192,10 @@ mod tests {
         ] {
             assert!(!is_public(ip.parse().expect("ip")), "{ip} must not be public");
         }
-        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111", "2606:4700::1111", "::ffff:1.1.1.1"] {
+        // 192.0.1.0/24 is ordinary allocated space, next to the special 192.0.0.0/24.
+        for ip in
+            ["1.1.1.1", "8.8.8.8", "192.0.1.1", "2606:4700:4700::1111", "2606:4700::1111", "::ffff:1.1.1.1"]
+        {
             assert!(is_public(ip.parse().expect("ip")), "{ip} is public");
         }
     }
