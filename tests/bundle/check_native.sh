@@ -50,15 +50,7 @@ cd "$bundle_root" || exit 1
 host=pds.roost.test
 handle=alice.$host
 password=bundle-test-password
-tmp=$(mktemp -d)
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+use_scratch_dir
 
 # --- the components ------------------------------------------------------------
 

@@ -130,3 +130,20 @@ login_post_readback() {
   [ "$(jget cid <<<"$got")" = "$cid" ] || { echo "getRecord cid differs: $got"; return 1; }
   [ "$(jget value text <<<"$got")" = "$text" ] || { echo "getRecord text differs: $got"; return 1; }
 }
+
+# use_scratch_dir: sets $tmp (a new scratch directory) and $pids (background
+# processes the caller starts and appends to), and on exit stops those
+# processes and removes $tmp. Servers started inside check() (a subshell)
+# record their pid in $tmp/pids instead.
+use_scratch_dir() {
+  tmp=$(mktemp -d)
+  pids=()
+  trap stop_and_remove_scratch EXIT
+}
+stop_and_remove_scratch() {
+  local pid
+  [ -f "$tmp/pids" ] && mapfile -t -O "${#pids[@]}" pids <"$tmp/pids"
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
