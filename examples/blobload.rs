@@ -23,6 +23,9 @@
 //! largest growth over the repetitions is printed. The disk and S3 tiers run before
 //! SQLite so SQLite's whole-blob buffers cannot be reused by (and hide) their growth.
 
+#[allow(dead_code)] // each example uses part of it
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -123,8 +126,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     }
     println!(
         "RSS of this process at the end: {:.1} MiB (peak since the last reset {:.1} MiB)",
-        status_kib("VmRSS:") as f64 / 1024.0,
-        status_kib("VmHWM:") as f64 / 1024.0
+        support::status_kib("VmRSS:") as f64 / 1024.0,
+        support::status_kib("VmHWM:") as f64 / 1024.0
     );
     Ok(())
 }
@@ -161,17 +164,6 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // Memory
 
-/// A `VmRSS`/`VmHWM` field of /proc/self/status, in KiB (0 when unreadable).
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Peak RSS tracking for this process. A plain thread, not a tokio task, so
 /// sampling goes on while the runtime's workers are busy with the transfer.
 struct Memory {
@@ -187,7 +179,7 @@ impl Memory {
         let (p, s) = (peak_kib.clone(), stop.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(status_kib("VmRSS:"), Ordering::Relaxed);
+                p.fetch_max(support::status_kib("VmRSS:"), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
@@ -199,7 +191,7 @@ impl Memory {
         if self.hwm_resettable {
             reset_hwm();
         }
-        let now = status_kib("VmRSS:");
+        let now = support::status_kib("VmRSS:");
         self.peak_kib.store(now, Ordering::Relaxed);
         now
     }
@@ -207,9 +199,9 @@ impl Memory {
     /// The peak RSS since `mark` minus the RSS at `mark`, in MiB.
     fn growth_since(&self, mark: u64) -> f64 {
         // The sampler can miss a short spike; VmHWM cannot (when resettable).
-        let mut peak = self.peak_kib.load(Ordering::Relaxed).max(status_kib("VmRSS:"));
+        let mut peak = self.peak_kib.load(Ordering::Relaxed).max(support::status_kib("VmRSS:"));
         if self.hwm_resettable {
-            peak = peak.max(status_kib("VmHWM:"));
+            peak = peak.max(support::status_kib("VmHWM:"));
         }
         peak.saturating_sub(mark) as f64 / 1024.0
     }
@@ -314,20 +306,8 @@ struct Session {
 impl Session {
     async fn login(url: &str) -> anyhow::Result<Session> {
         let client = reqwest::Client::builder().build()?;
-        let resp = client
-            .post(format!("{url}/xrpc/com.atproto.server.createSession"))
-            .json(&json!({ "identifier": HANDLE, "password": PASSWORD }))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        anyhow::ensure!(status.is_success(), "createSession: {status} {body}");
-        Ok(Session {
-            client,
-            url: url.to_owned(),
-            did: body["did"].as_str().context("did")?.to_owned(),
-            jwt: body["accessJwt"].as_str().context("accessJwt")?.to_owned(),
-        })
+        let support::Login { did, jwt } = support::login(&client, url, HANDLE, PASSWORD).await?;
+        Ok(Session { client, url: url.to_owned(), did, jwt })
     }
 
     /// One uploadBlob; returns the blob's CID.

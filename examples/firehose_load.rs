@@ -49,6 +49,9 @@
 //! process); the soft limit is read from /proc/self/limits and a subscriber
 //! count that does not fit is skipped with a note (raise it with `ulimit -n`).
 
+#[allow(dead_code)] // each example uses part of it
+mod support;
+
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,7 +63,7 @@ use clap::Parser;
 use futures::StreamExt as _;
 use ipld_core::ipld::Ipld;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -123,19 +126,8 @@ struct Args {
 // ---------------------------------------------------------------------------
 // /proc
 
-fn proc_status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn rss_mib() -> f64 {
-    proc_status_kib("VmRSS:") as f64 / 1024.0
+    support::status_kib("VmRSS:") as f64 / 1024.0
 }
 
 /// Clock ticks per second for /proc stat times (USER_HZ; 100 on Linux).
@@ -212,7 +204,7 @@ impl RssPeak {
         let (p, s) = (peak.clone(), stop.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(proc_status_kib("VmRSS:"), Ordering::Relaxed);
+                p.fetch_max(support::status_kib("VmRSS:"), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
@@ -220,7 +212,7 @@ impl RssPeak {
     }
 
     fn take(&self) -> f64 {
-        self.peak.swap(proc_status_kib("VmRSS:"), Ordering::Relaxed) as f64 / 1024.0
+        self.peak.swap(support::status_kib("VmRSS:"), Ordering::Relaxed) as f64 / 1024.0
     }
 }
 
@@ -344,20 +336,8 @@ impl Writer {
     async fn login(port: u16) -> anyhow::Result<Writer> {
         let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
         let url = format!("http://127.0.0.1:{port}");
-        let resp = http
-            .post(format!("{url}/xrpc/com.atproto.server.createSession"))
-            .json(&json!({ "identifier": HANDLE, "password": PASSWORD }))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        anyhow::ensure!(status.is_success(), "createSession: {status} {body}");
-        Ok(Writer {
-            http,
-            url,
-            did: body["did"].as_str().context("did")?.to_owned(),
-            jwt: body["accessJwt"].as_str().context("accessJwt")?.to_owned(),
-        })
+        let support::Login { did, jwt } = support::login(&http, &url, HANDLE, PASSWORD).await?;
+        Ok(Writer { http, url, did, jwt })
     }
 
     /// One createRecord: (request start, response received).
@@ -1007,7 +987,7 @@ fn main() -> anyhow::Result<()> {
         total_cpu.client,
         total_cpu.process,
         rss_mib(),
-        proc_status_kib("VmHWM:") as f64 / 1024.0,
+        support::status_kib("VmHWM:") as f64 / 1024.0,
     );
     if let Some(tx) = server.shutdown.take() {
         let _ = tx.send(());

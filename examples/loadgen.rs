@@ -20,6 +20,9 @@
 //! login, after each phase, and its peak (`VmHWM`). The child exits when its
 //! stdin closes, i.e. when this process ends.
 
+#[allow(dead_code)] // each example uses part of it
+mod support;
+
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(about = "createRecord load generator for Roost (or any PDS)")]
@@ -139,14 +142,8 @@ impl Server {
     }
 
     fn status_mib(&self, field: &str) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .unwrap_or(f64::NAN)
+        support::proc_status_kib(&self.child.id().to_string(), field)
+            .map_or(f64::NAN, |kib| kib as f64 / 1024.0)
     }
 
     fn report(&self, when: &str) {
@@ -187,20 +184,8 @@ struct Session {
 impl Session {
     async fn login(url: &str, handle: &str, password: &str) -> anyhow::Result<Session> {
         let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
-        let resp = client
-            .post(format!("{url}/xrpc/com.atproto.server.createSession"))
-            .json(&json!({ "identifier": handle, "password": password }))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        anyhow::ensure!(status.is_success(), "createSession: {status} {body}");
-        Ok(Session {
-            client,
-            url: url.to_owned(),
-            did: body["did"].as_str().context("did")?.to_owned(),
-            jwt: body["accessJwt"].as_str().context("accessJwt")?.to_owned(),
-        })
+        let support::Login { did, jwt } = support::login(&client, url, handle, password).await?;
+        Ok(Session { client, url: url.to_owned(), did, jwt })
     }
 
     /// One createRecord; returns its latency.

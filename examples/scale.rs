@@ -27,6 +27,9 @@
 //! except that one, so their share of the peak can be measured. Set
 //! `MALLOC_ARENA_MAX` in the environment to test allocator arenas.
 
+#[allow(dead_code)] // each example uses part of it
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -86,16 +89,6 @@ struct Args {
     sqlite_soft_heap_limit_mib: Option<u64>,
 }
 
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 struct Mem {
     overall_peak_kib: u64,
 }
@@ -104,8 +97,8 @@ impl Mem {
     /// Prints RSS now, peak since the phase began, peak since process start;
     /// then resets the kernel's peak counter for the next phase.
     fn report(&mut self, phase: &str, db: Option<&Db>) {
-        let rss = status_kib("VmRSS:");
-        let hwm = status_kib("VmHWM:");
+        let rss = support::status_kib("VmRSS:");
+        let hwm = support::status_kib("VmHWM:");
         self.overall_peak_kib = self.overall_peak_kib.max(hwm);
         let pool = db
             .map(|d| format!(", pool {} connections ({} idle)", d.pool.size(), d.pool.num_idle()))
@@ -113,9 +106,9 @@ impl Mem {
         println!(
             "[mem] after {phase:<8} RSS {:>6.1} MiB (anon {:.1}, file {:.1}, shmem {:.1}), phase peak {:>6.1} MiB, PEAK RSS {:>6.1} MiB{pool}",
             rss as f64 / 1024.0,
-            status_kib("RssAnon:") as f64 / 1024.0,
-            status_kib("RssFile:") as f64 / 1024.0,
-            status_kib("RssShmem:") as f64 / 1024.0,
+            support::status_kib("RssAnon:") as f64 / 1024.0,
+            support::status_kib("RssFile:") as f64 / 1024.0,
+            support::status_kib("RssShmem:") as f64 / 1024.0,
             hwm as f64 / 1024.0,
             self.overall_peak_kib as f64 / 1024.0,
         );
@@ -250,8 +243,8 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "  {i:>9} records  {:>7.0} records/s (last {done})  RSS {:.1} MiB (anon {:.1})  pool {}  elapsed {:.1?}",
                     done as f64 / window.elapsed().as_secs_f64(),
-                    status_kib("VmRSS:") as f64 / 1024.0,
-                    status_kib("RssAnon:") as f64 / 1024.0,
+                    support::status_kib("VmRSS:") as f64 / 1024.0,
+                    support::status_kib("RssAnon:") as f64 / 1024.0,
                     db.pool.size(),
                     started.elapsed()
                 );
