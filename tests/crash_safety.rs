@@ -32,9 +32,7 @@ struct ServerGuard {
 
 impl ServerGuard {
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.log)
     }
 
     async fn kill(&mut self) {
@@ -87,23 +85,9 @@ async fn start_server(work: &Path, port: u16, plc_url: &str) -> ServerGuard {
         .expect("spawn the roost binary");
     let mut guard = ServerGuard { child: Some(child), log };
     let x = Xrpc::new(format!("http://127.0.0.1:{port}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = x.try_request(Method::GET, "/xrpc/_health", &[], None).await
-            && r.status == StatusCode::OK
-        {
-            return guard;
-        }
-        if let Some(status) = guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            panic!("roost exited early ({status}):\n{}", guard.log_tail());
-        }
-        if Instant::now() > deadline {
-            let tail = guard.log_tail();
-            guard.kill().await;
-            panic!("roost did not become healthy in 30 s:\n{tail}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // On a panic the guard's child is killed on drop (kill_on_drop).
+    wait_until_healthy(&x, guard.child.as_mut().expect("just spawned"), &guard.log).await;
+    guard
 }
 
 /// The CID Roost must assign to `record`.

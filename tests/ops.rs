@@ -95,23 +95,8 @@ impl Server {
             plc_url: plc_url.to_owned(),
         };
         let x = server.xrpc();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = x.try_request(Method::GET, "/xrpc/_health", &[], None).await
-                && r.status == StatusCode::OK
-            {
-                return server;
-            }
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("roost exited early ({status}):\n{}", server.log_tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "roost did not become healthy in 30 s:\n{}",
-                server.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_healthy(&x, server.child.as_mut().expect("just spawned"), &server.log).await;
+        server
     }
 
     fn xrpc(&self) -> Xrpc {
@@ -119,9 +104,7 @@ impl Server {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&self.log)
     }
 
     /// Runs another `roost` subcommand with this server's environment.

@@ -870,3 +870,32 @@ pub fn vm_rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
 }
+
+/// The last 40 lines of a server's log file, for failure messages.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Waits up to 30 s for a spawned `roost serve` to answer `/xrpc/_health`;
+/// panics with its log's tail if it exits first or never does.
+pub async fn wait_until_healthy(x: &Xrpc, child: &mut tokio::process::Child, log: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = x.try_request(Method::GET, "/xrpc/_health", &[], None).await
+            && r.status == StatusCode::OK
+        {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("roost exited early ({status}):\n{}", log_tail(log));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "roost did not become healthy in 30 s:\n{}",
+            log_tail(log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
